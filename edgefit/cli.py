@@ -1,0 +1,181 @@
+"""edgefit's command line: plan, render (verify and rebuild join as they are built).
+
+Exit codes: 0 fine, 1 a check failed, 2 bad input or a host too small (one sentence on stderr,
+never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgefit import plan as planning
+from edgefit.images import ImageError
+from edgefit.render import render_stack, write_stack
+from edgefit.secrets import SecretsError, load_or_create
+from edgefit.units import SizeError, parse_gib, parse_mib
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Input the user can fix; printed as one line."""
+
+
+def _size_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("host size (from live facts when deploying)")
+    group.add_argument("--cpus", type=int, help="CPU cores of the host")
+    group.add_argument("--memory", help="host memory, e.g. 4G, 8GiB, 3900M")
+    group.add_argument("--disk", help="data disk size, e.g. 40G (optional; WAL and minimums follow it)")
+    group.add_argument("--preset", choices=sorted(planning.PRESETS),
+                       help="a named size instead of --cpus/--memory")
+    choice = parser.add_argument_group("stack choices")
+    choice.add_argument("--vector", default="pgvector", choices=planning.VECTOR_STORES,
+                        help="vector store (default pgvector: inside the one Postgres, no extra service)")
+    choice.add_argument("--without", default="", metavar="SERVICE[,SERVICE]",
+                        help=f"leave services out: {','.join(planning.OPTIONAL_SERVICES)}")
+    choice.add_argument("--data-root", default="/srv/dify", help="where bind-mounted data lives (default /srv/dify)")
+    choice.add_argument("--image", action="append", default=[], metavar="SERVICE=REF",
+                        help="override one service's image (private registry, mirror); repeatable")
+
+
+def _int_cpus(value: int | None) -> int:
+    if value is None:
+        raise UsageError("give --cpus N and --memory SIZE, or --preset NAME")
+    if value < 1:
+        raise UsageError(f"--cpus must be 1 or more, got {value}")
+    return value
+
+
+def plan_from_args(args: argparse.Namespace) -> planning.Plan:
+    if args.preset:
+        cpus, memory = planning.PRESETS[args.preset]
+        if args.cpus is not None or args.memory is not None:
+            raise UsageError("give either --preset or --cpus/--memory, not both")
+    else:
+        cpus = _int_cpus(args.cpus)
+        if args.memory is None:
+            raise UsageError("give --memory SIZE (e.g. 4G) with --cpus")
+        memory = parse_mib(args.memory)
+    disk = parse_gib(args.disk) if args.disk else None
+    images = {}
+    for item in args.image:
+        service, sep, ref = item.partition("=")
+        if not sep or not service or not ref:
+            raise UsageError(f"--image {item!r}: expected SERVICE=REF, e.g. db=registry.local/pgvector:0.8.0-pg15")
+        images[service.strip()] = ref.strip()
+    options = planning.Options(
+        vector_store=args.vector,
+        without=frozenset(name.strip() for name in args.without.split(",") if name.strip()),
+        data_root=args.data_root,
+        images=images,
+    )
+    return planning.make_plan(planning.HostSize(cpus, memory, disk), options)
+
+
+def format_plan(plan: planning.Plan) -> str:
+    """The budget ledger a person reads at a glance."""
+    host = plan.host
+    disk = f", {host.disk_gib} GiB disk" if host.disk_gib else ""
+    lines = [
+        f"edgefit plan: {host.cpus} cores, {host.memory_mib} MiB{disk} (nearest preset {plan.preset})",
+        "",
+        f"{'service':<14}{'mem limit':>11}{'cpus':>7}  image",
+    ]
+    for name, service in plan.services.items():
+        lines.append(f"{name:<14}{service.mem_limit_mib:>7} MiB{service.cpus:>7g}  {service.image}")
+    used = plan.total_mem_limit_mib + plan.reserve_mib
+    lines += [
+        f"{'':-<14}{'':->11}",
+        f"{'containers':<14}{plan.total_mem_limit_mib:>7} MiB",
+        f"{'host reserve':<14}{plan.reserve_mib:>7} MiB   kernel, Docker, sshd, page cache",
+        f"{'total':<14}{used:>7} MiB   of {host.memory_mib} MiB"
+        + (f"; swap file {plan.swap_mib} MiB for host daemons" if plan.swap_mib else ""),
+        "",
+        f"postgres   max_connections {plan.postgres.max_connections}, shared_buffers {plan.postgres.shared_buffers_mib} MiB, "
+        f"work_mem {plan.postgres.work_mem_mib} MiB, effective_cache_size {plan.postgres.effective_cache_size_mib} MiB",
+        f"pgbouncer  {plan.pgbouncer.pool_mode} mode, default_pool_size {plan.pgbouncer.default_pool_size}, "
+        f"max_client_conn {plan.pgbouncer.max_client_conn}",
+        f"redis      cache maxmemory {plan.redis.maxmemory_mib} MiB {plan.redis.maxmemory_policy}; "
+        f"broker maxmemory {plan.redis_broker.maxmemory_mib} MiB {plan.redis_broker.maxmemory_policy}",
+        f"dify       gunicorn workers {plan.dify.server_worker_amount}, celery concurrency {plan.dify.celery_worker_amount}, "
+        f"graph engine workers {plan.dify.graph_engine_max_workers}, vector store {plan.vector_store}",
+        "           SQLAlchemy pool per process: "
+        + ", ".join(f"{role} {pool.pool_size}+{pool.max_overflow} x{pool.processes}"
+                    for role, pool in plan.dify.pools.items() if pool.processes),
+        f"python     gc thresholds {','.join(map(str, plan.dify.gc_threshold))}, MALLOC_ARENA_MAX={plan.dify.malloc_arena_max}, "
+        f"gunicorn {plan.dify.gunicorn_cmd_args}",
+    ]
+    return "\n".join(lines)
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def command_render(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    secrets_path = Path(args.secrets) if args.secrets else out / "secrets.env"
+    secrets = load_or_create(secrets_path)
+    written = write_stack(render_stack(plan, secrets), out)
+    print(f"rendered {len(written)} files for a {plan.host.cpus}-core, {plan.host.memory_mib} MiB host into {out}/")
+    for path in written:
+        print(f"  {path.relative_to(out)}")
+    print(f"secrets: {secrets_path} (mode 0600; values are never printed)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefit",
+        description="Fit the Dify stack onto a small host: size it, render its configs, verify its memory.",
+        epilog="Deploy with: pyinfra inventory/edge.py deploy.py   (see README.md)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    plan_parser = commands.add_parser(
+        "plan", help="show the memory budget and settings for a host size",
+        description="Show the budget ledger for a host: each service's memory limit and CPU ceiling, "
+                    "the host reserve, and the Postgres, PgBouncer, Redis and Dify settings that follow.")
+    _size_arguments(plan_parser)
+    plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON for machines")
+    plan_parser.set_defaults(handler=command_plan)
+
+    render_parser = commands.add_parser(
+        "render", help="write every config file of the stack for a host size",
+        description="Render docker-compose.yml, .env, redis/postgres/pgbouncer/nginx configs, daemon.json, "
+                    "sysctl and the GC hook into a directory. Files under host/ belong at the host's root.")
+    _size_arguments(render_parser)
+    render_parser.add_argument("--out", required=True, help="directory to write into")
+    render_parser.add_argument("--secrets", help="env file of secrets to use (default OUT/secrets.env, created "
+                                                 "with fresh random values, mode 0600, when absent)")
+    render_parser.set_defaults(handler=command_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except planning.HostTooSmall as error:
+        print(f"edgefit: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (UsageError, SizeError, planning.PlanError, ImageError, SecretsError) as error:
+        print(f"edgefit: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The stack's secrets: generated once, kept in a 0600 env file, never printed.
+
+On a deployed host they live in /etc/edgefit/secrets.env, made by the secrets role on the host
+itself; `edgefit render` makes (or reuses) one beside its output.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as random
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+# Upstream Dify's .env.example ships these; a stack running with one of them is open to anyone
+# who has read that file.
+UPSTREAM_DEFAULTS = {
+    "difyai123456",
+    "sk-9f73s3ljTXVcMT3Blb3ljTqtsKiGHXVcMT3BlbkFJLK7U",
+    "lYkiYYT6owG+71oLerGzA7GXCgOT++6ovaezWAjpCjf+Sjc3ZtU+qUEi",
+    "QaHbTe77CtuXmsfyhR7+vRjI/+XbV1AaFy691iy+kGDv2Jvy0/eAh8Y1",
+    "dify-sandbox",
+}
+MIN_LENGTH = 24
+
+
+class SecretsError(ValueError):
+    """A secrets file that is missing a value, or holds a weak or upstream-default one."""
+
+
+@dataclass(frozen=True)
+class Secrets:
+    secret_key: str
+    db_password: str
+    redis_password: str
+    redis_broker_password: str
+    pgbouncer_admin_password: str
+    plugin_daemon_key: str
+    plugin_inner_api_key: str
+    sandbox_api_key: str
+    vector_store_api_key: str  # weaviate or qdrant, when chosen
+
+    def __repr__(self) -> str:  # never let a traceback or a debug print show a value
+        return "Secrets(<hidden>)"
+
+    @classmethod
+    def generate(cls) -> Secrets:
+        # token_urlsafe: no characters that need quoting in .env, URLs or pgbouncer's userlist
+        return cls(**{f.name: random.token_urlsafe(32) for f in fields(cls)})
+
+    def to_env(self) -> str:
+        return "".join(f"{f.name.upper()}={getattr(self, f.name)}\n" for f in fields(self))
+
+    @classmethod
+    def from_env(cls, text: str, source: str = "secrets") -> Secrets:
+        values = {}
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                values[key.strip().lower()] = value.strip()
+        missing = [f.name.upper() for f in fields(cls) if not values.get(f.name)]
+        if missing:
+            raise SecretsError(f"{source}: missing {', '.join(missing)}")
+        for f in fields(cls):
+            value = values[f.name]
+            if value in UPSTREAM_DEFAULTS:
+                raise SecretsError(f"{source}: {f.name.upper()} is one of upstream Dify's published defaults")
+            if len(value) < MIN_LENGTH or any(c in value for c in " \"'\\$#"):
+                raise SecretsError(f"{source}: {f.name.upper()} must be {MIN_LENGTH}+ characters "
+                                   "without spaces, quotes, backslashes, '$' or '#'")
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+def load_or_create(path: Path) -> Secrets:
+    """Reuse the secrets at path; make them (mode 0600, created atomically) when absent."""
+    if path.exists():
+        return Secrets.from_env(path.read_text(), str(path))
+    created = Secrets.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(created.to_env())
+    return created
