@@ -48,6 +48,7 @@ class Options:
     data_root: str = "/srv/dify"
     images: dict[str, str] = field(default_factory=dict)
     dify_version: str | None = None
+    domain: str | None = None  # nginx answers for this name (None: any)
 
 
 class PlanError(ValueError):
@@ -235,6 +236,7 @@ class Plan:
     swap_mib: int
     vector_store: str
     data_root: str
+    domain: str | None
     services: dict[str, ServicePlan]
     postgres: PostgresPlan
     pgbouncer: PgBouncerPlan
@@ -412,6 +414,7 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
         swap_mib=min(2048, size.memory_mib // 2) if size.memory_mib <= 8192 else 0,
         vector_store=options.vector_store,
         data_root=options.data_root,
+        domain=options.domain,
         services={name: ServicePlan(memory[name], service_cpus(SERVICE_RULES[name], cores), images[name])
                   for name in services},
         postgres=postgres,

@@ -64,11 +64,11 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
     def render(template: str, **extra) -> str:
         return env.get_template(template).render(**context, **extra)
 
-    dify_env_users = tuple(name for name in ("api", "worker", "worker_beat", "plugin_daemon", "sandbox", "web")
-                           if name in present)
     files = [
         StackFile("docker-compose.yml", render("docker-compose.yml.j2")),
-        StackFile(".env", render("dify.env.j2"), 0o600, services=dify_env_users),
+        # No restart list: compose folds env_file into each service's config hash, so
+        # `docker compose up -d` recreates exactly the services whose environment changed.
+        StackFile(".env", render("dify.env.j2"), 0o600),
         StackFile("conf/redis/redis.conf",
                   render("redis.conf.j2", redis=plan.redis, password=secrets.redis_password, role="cache"),
                   0o600, RUN_AS_UID["redis"], ("redis",)),
@@ -88,6 +88,7 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
         StackFile("host/etc/docker/daemon.json", render("daemon.json.j2")),
         StackFile("host/etc/sysctl.d/90-edgefit.conf", render("sysctl.conf.j2")),
         StackFile("host/etc/systemd/journald.conf.d/90-edgefit.conf", render("journald.conf.j2")),
+        StackFile("host/etc/systemd/system/edgefit-thp.service", render("thp.service.j2")),
     ]
     if "ssrf_proxy" in present:
         files.append(StackFile("conf/ssrf_proxy/squid.conf", render("squid.conf.j2"), 0o644,

@@ -1,0 +1,22 @@
+"""The main job: `pyinfra inventory/edge.py deploy.py` puts the sized Dify stack on each host.
+
+Each role under roles/ does one job; this file only calls them in order. The data flows one way:
+host facts + inventory data -> Plan (edgefit/plan.py) -> rendered files -> operations.
+"""
+
+from edgefit.render import render_stack
+from roles.docker import install_docker
+from roles.facts import plan_host
+from roles.host import tune_host
+from roles.secrets import ensure_secrets
+from roles.stack import deploy_stack
+from roles.volumes import prepare_volumes
+
+plan, settings, facts = plan_host()  # every check that can refuse a host happens here
+secrets = ensure_secrets()
+rendered = render_stack(plan, secrets)
+
+tune_host(plan, rendered, facts)
+install_docker(settings, rendered, facts)
+prepare_volumes(plan, settings)
+deploy_stack(plan, settings, rendered)

