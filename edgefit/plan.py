@@ -113,7 +113,17 @@ def reserve_mib(memory_mib: int) -> int:
 def minimum_memory_mib(services: list[str]) -> int:
     """Smallest host memory whose budget (memory - reserve) holds every floor."""
     floors = sum(SERVICE_RULES[name].floor_mib for name in services)
-    return math.ceil((floors + RESERVE_FIXED_MIB) / (1 - RESERVE_FRACTION))
+    memory = math.ceil((floors + RESERVE_FIXED_MIB) / (1 - RESERVE_FRACTION))
+    # The real-number bound above is not exact: reserve_mib() truncates its proportional part
+    # to whole MiB, so the budget (memory - reserve) can reach the floors a MiB below it (all 12
+    # services: 3710 MiB plans, the bound said 3711). The budget never shrinks as memory grows,
+    # so step to the smallest memory whose budget holds the floors: the minimum the
+    # HostTooSmall message names is then exact (that size plans, one MiB less does not).
+    while memory > 1 and memory - 1 - reserve_mib(memory - 1) >= floors:
+        memory -= 1
+    while memory - reserve_mib(memory) < floors:
+        memory += 1
+    return memory
 
 
 def water_fill(budget_mib: int, rules: dict[str, ServiceRule]) -> dict[str, int]:
