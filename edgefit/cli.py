@@ -24,6 +24,13 @@ class UsageError(Exception):
     """Input the user can fix; printed as one line."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"edgefit: error: {message} (see {self.prog} --help)\n")
+
+
 def _size_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("host size (from live facts when deploying)")
     group.add_argument("--cpus", type=int, help="CPU cores of the host")
@@ -136,12 +143,12 @@ def command_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="edgefit",
         description="Fit the Dify stack onto a small host: size it, render its configs, verify its memory.",
         epilog="Deploy with: pyinfra inventory/edge.py deploy.py   (see README.md)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     commands.required = True
 
     plan_parser = commands.add_parser(

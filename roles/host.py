@@ -20,9 +20,11 @@ def tune_host(plan: Plan, files: list[StackFile], facts: dict) -> None:
     sysctl = upload(host_file(files, "sysctl.d/90-edgefit.conf"))
     server.shell(name="Apply sysctl settings", commands=["sysctl -q --system"], _if=sysctl.did_change)
 
-    upload(host_file(files, "system/edgefit-thp.service"))
+    thp = upload(host_file(files, "system/edgefit-thp.service"))
+    # Reload only when the unit changed: an unconditional reload would be a change on every run.
+    server.shell(name="Reload systemd units", commands=["systemctl daemon-reload"], _if=thp.did_change)
     systemd.service(name="Transparent huge pages off, now and at boot", service="edgefit-thp.service",
-                    running=True, enabled=True, daemon_reload=True)
+                    running=True, enabled=True)
 
     journald = upload(host_file(files, "journald.conf.d/90-edgefit.conf"))
     systemd.service(name="Restart journald with its size limits", service="systemd-journald",
