@@ -1,4 +1,4 @@
-"""edgefit's command line: plan, render (verify and rebuild join as they are built).
+"""edgefit's command line: plan, render, verify (rebuild joins as it is built).
 
 Exit codes: 0 fine, 1 a check failed, 2 bad input or a host too small (one sentence on stderr,
 never a traceback).
@@ -142,6 +142,40 @@ def command_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """'30', '30s', '5m', '1h' -> seconds."""
+    units = {"s": 1, "m": 60, "min": 60, "h": 3600}
+    number = text.strip().lower()
+    for suffix in ("min", "s", "m", "h"):
+        if number.endswith(suffix):
+            number, factor = number[: -len(suffix)], units[suffix]
+            break
+    else:
+        factor = 1
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30, 30s, 5m or 1h") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    if not 1 <= args.window <= 600:
+        raise UsageError(f"--window must be between 1 and 600 seconds, got {args.window:g}")
+    interval = args.interval if args.interval is not None else min(5.0, max(1.0, args.window / 6))
+    if not 0.5 <= interval <= args.window:
+        raise UsageError(f"--interval must be between 0.5 s and the window ({args.window:g} s), got {interval:g}")
+    from edgefit.verify_cli import VerifyOptions, VerifyUsageError, run_verify  # gevent: only when verifying
+
+    options = VerifyOptions(window=args.window, interval=interval, events_since=args.since, strict=args.strict)
+    try:
+        return run_verify(args.inventory, args.limit, options, json_file=args.json)
+    except VerifyUsageError as error:
+        raise UsageError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="edgefit",
@@ -168,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     render_parser.add_argument("--secrets", help="env file of secrets to use (default OUT/secrets.env, created "
                                                  "with fresh random values, mode 0600, when absent)")
     render_parser.set_defaults(handler=command_render)
+
+    verify_parser = commands.add_parser(
+        "verify", help="check that each host's stack is healthy and within its memory budget",
+        description="Watch each host's stack for a window of seconds (cgroup v2 memory and CPU per container, "
+                    "MemAvailable, swap, memory pressure, OOM kills, restarts, healthchecks) and compare it with "
+                    "the plan recomputed from the host's facts and data, as the deploy made it: budgets, memory "
+                    "limits, hand-edited configs, Redis, Postgres and GC settings. Connects through pyinfra "
+                    "(same hosts, keys and parallelism as the deploy).",
+        epilog="Exit codes: 0 every host healthy and within budget; 1 a host is not (the output names the "
+               "service and the problem); 2 a host could not be checked (unreachable, no stack deployed) "
+               "and none failed.")
+    verify_parser.add_argument("inventory", metavar="INVENTORY", help="pyinfra inventory, e.g. inventory/edge.py")
+    verify_parser.add_argument("--limit", action="append", metavar="HOST",
+                               help="only this host or group (glob patterns as pyinfra's --limit); repeatable")
+    verify_parser.add_argument("--window", type=_seconds, default=30.0, metavar="SECONDS",
+                               help="how long to watch each host (default 30; hosts are checked in parallel)")
+    verify_parser.add_argument("--interval", type=_seconds, metavar="SECONDS",
+                               help="seconds between samples (default: window/6, between 1 and 5)")
+    verify_parser.add_argument("--since", type=_seconds, default=3600.0, metavar="DURATION",
+                               help="how far back OOM kills and crashes count, e.g. 15m, 1h (default 1h)")
+    verify_parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON to FILE")
+    verify_parser.add_argument("--strict", action="store_true", help="treat warnings as failures (exit 1)")
+    verify_parser.set_defaults(handler=command_verify)
     return parser
 
 

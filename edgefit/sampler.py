@@ -1,0 +1,509 @@
+#!/usr/bin/env python3
+"""edgefit's on-host sampler: one self-contained script that prints ONE JSON document.
+
+`edgefit verify` sends this file over SSH (`python3 - --window 30 ... < sampler.py`) and the
+verify timer runs it from /usr/local/lib/edgefit/. It only reads: cgroup v2 files, /proc,
+`docker ps/inspect/events`, and a few `docker exec` queries (Redis CONFIG GET and INFO,
+Postgres pg_settings, the GC thresholds of a fresh Python process with the container's env).
+It compares nothing: edgefit/verify.py judges the samples against the plan.
+
+Standard library only, plus psutil when present (Debian: python3-psutil), which is the
+fallback where a container's cgroup files cannot be read. Every subprocess has a timeout and
+the whole run ends within --window plus a few seconds (EXEC_TIMEOUT bounds the stragglers).
+The cgroup and /proc roots and the docker command are options, so tests can point the sampler
+at a fake tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+SCHEMA = 1
+PROJECT = "edgefit-dify"
+STACK_DIR = "/opt/edgefit"
+EXEC_TIMEOUT = 8.0  # one docker exec/inspect; the run's end waits at most this long for checks
+GC_SERVICES = ("api", "worker", "worker_beat")
+REDIS_SERVICES = ("redis", "redis_broker")
+POSTGRES_SERVICE = "db"
+POSTGRES_SETTINGS = (
+    "max_connections", "superuser_reserved_connections", "shared_buffers", "effective_cache_size",
+    "maintenance_work_mem", "work_mem", "wal_buffers", "min_wal_size", "max_wal_size",
+    "max_worker_processes", "max_parallel_workers", "max_parallel_workers_per_gather",
+    "max_parallel_maintenance_workers", "huge_pages", "idle_in_transaction_session_timeout",
+)
+STAT_KEYS = ("anon", "file", "kernel", "shmem", "sock", "active_file", "inactive_file", "slab")
+REDIS_INFO_KEYS = ("used_memory", "used_memory_rss", "maxmemory", "maxmemory_policy",
+                   "evicted_keys", "expired_keys", "redis_version")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small readers that never raise
+
+def run(argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str, str]:
+    """(exit code or None when it could not run / timed out, stdout, stderr)."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, errors="replace")
+    except FileNotFoundError:
+        return None, "", f"{argv[0]}: not found"
+    except subprocess.TimeoutExpired:
+        return None, "", f"timed out after {timeout:g}s"
+    except OSError as error:
+        return None, "", str(error)
+    return done.returncode, done.stdout, done.stderr
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_value(path: str):
+    """An integer file (memory.current), 'max' kept as the string, None when missing."""
+    text = read_text(path)
+    if text is None:
+        return None
+    text = text.strip()
+    if text == "max":
+        return "max"
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def read_flat_keyed(path: str) -> dict[str, int] | None:
+    """memory.stat, memory.events, cpu.stat: 'key value' lines."""
+    text = read_text(path)
+    if text is None:
+        return None
+    values = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                values[parts[0]] = int(parts[1])
+            except ValueError:
+                pass
+    return values
+
+
+def read_psi(path: str) -> dict | None:
+    """/proc/pressure/memory: {'some': {'avg10':..., 'avg60':..., 'avg300':..., 'total':...}, 'full': ...}"""
+    text = read_text(path)
+    if text is None:
+        return None
+    result = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        entry = {}
+        for item in parts[1:]:
+            key, _, value = item.partition("=")
+            try:
+                entry[key] = int(value) if key == "total" else float(value)
+            except ValueError:
+                pass
+        result[parts[0]] = entry
+    return result
+
+
+def read_meminfo(proc_root: str) -> dict[str, int]:
+    """/proc/meminfo in KiB: MemTotal, MemAvailable, SwapTotal, SwapFree, Cached."""
+    wanted = {"MemTotal", "MemAvailable", "SwapTotal", "SwapFree", "Cached"}
+    values = {}
+    for line in (read_text(os.path.join(proc_root, "meminfo")) or "").splitlines():
+        key, _, rest = line.partition(":")
+        if key in wanted:
+            try:
+                values[key] = int(rest.split()[0])
+            except (IndexError, ValueError):
+                pass
+    return values
+
+
+def sha256_file(path: str) -> str | None:
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(65536), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Containers
+
+def cgroup_dir(pid: int, container_id: str, cgroup_root: str, proc_root: str) -> str | None:
+    """The container's cgroup v2 directory, driver-independent: read from /proc/PID/cgroup of
+    its init process; the systemd and cgroupfs drivers' usual paths are the fallbacks."""
+    candidates = []
+    if pid:
+        for line in (read_text(os.path.join(proc_root, str(pid), "cgroup")) or "").splitlines():
+            hierarchy, _, path = line.partition("::")
+            if hierarchy == "0" and path.startswith("/"):
+                candidates.append(os.path.join(cgroup_root, path.lstrip("/")))
+    candidates += [os.path.join(cgroup_root, "system.slice", f"docker-{container_id}.scope"),
+                   os.path.join(cgroup_root, "docker", container_id)]
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "memory.current")):
+            return candidate
+    return None
+
+
+def inspect_view(data: dict) -> dict:
+    """The fields of `docker inspect` that verify reads."""
+    state = data.get("State") or {}
+    config = data.get("Config") or {}
+    host_config = data.get("HostConfig") or {}
+    labels = config.get("Labels") or {}
+    health = state.get("Health")
+    if health:
+        log = health.get("Log") or []
+        health = {
+            "status": health.get("Status"),
+            "failing_streak": health.get("FailingStreak", 0),
+            "log": [{"start": entry.get("Start"), "end": entry.get("End"),
+                     "exit_code": entry.get("ExitCode"),
+                     "output": (entry.get("Output") or "").strip()[-200:]} for entry in log[-5:]],
+        }
+    limit_label = labels.get("io.edgefit.mem_limit_mib")
+    try:
+        limit_label = int(limit_label) if limit_label is not None else None
+    except ValueError:
+        limit_label = None
+    return {
+        "id": data.get("Id", ""),
+        "name": (data.get("Name") or "").lstrip("/"),
+        "service": labels.get("io.edgefit.service") or labels.get("com.docker.compose.service") or "",
+        "compose_service": labels.get("com.docker.compose.service"),
+        "label_mem_limit_mib": limit_label,
+        "image": config.get("Image"),
+        "created": data.get("Created"),
+        "status": state.get("Status"),
+        "running": bool(state.get("Running")),
+        "restarting": bool(state.get("Restarting")),
+        "pid": state.get("Pid") or 0,
+        "oom_killed": bool(state.get("OOMKilled")),
+        "exit_code": state.get("ExitCode"),
+        "started_at": state.get("StartedAt"),
+        "finished_at": state.get("FinishedAt"),
+        "restart_count": data.get("RestartCount", 0),
+        "health": health,
+        "memory_bytes": host_config.get("Memory") or 0,
+        "memory_swap_bytes": host_config.get("MemorySwap") or 0,
+        "nano_cpus": host_config.get("NanoCpus") or 0,
+    }
+
+
+class Sampler:
+    def __init__(self, args):
+        self.args = args
+        self.docker = shlex.split(args.docker)
+        self.errors: list[str] = []
+        self.result: dict = {"schema": SCHEMA, "errors": self.errors}
+        self.containers: dict[str, dict] = {}  # id -> record
+        self.checks: dict = {"redis": {}, "postgres": None, "gc": {}}
+        self._psutil = None
+        try:
+            import psutil  # noqa: PLC0415 - optional
+            self._psutil = psutil
+        except ImportError:
+            pass
+
+    # -- docker
+    def docker_run(self, *argv: str, timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str, str]:
+        return run(self.docker + list(argv), timeout)
+
+    def list_containers(self) -> list[dict] | None:
+        code, out, err = self.docker_run("ps", "-aq", "--no-trunc", "--filter",
+                                         f"label=com.docker.compose.project={self.args.project}")
+        if code != 0:
+            self.result["docker"] = {"ok": False, "error": (err.strip().splitlines() or ["no output"])[-1]}
+            return None
+        self.result["docker"] = {"ok": True}
+        ids = out.split()
+        return self.inspect(ids) if ids else []
+
+    def inspect(self, ids: list[str]) -> list[dict]:
+        if not ids:
+            return []
+        code, out, err = self.docker_run("inspect", *ids)
+        try:
+            return [inspect_view(item) for item in json.loads(out)] if out.strip() else []
+        except ValueError:
+            self.errors.append(f"docker inspect: {(err.strip().splitlines() or ['unreadable output'])[-1]}")
+            return []
+
+    def events(self, since: float, until: float) -> list[dict]:
+        code, out, err = self.docker_run(
+            "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
+            "--filter", "type=container", "--filter", f"label=com.docker.compose.project={self.args.project}",
+            "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}")
+        if code != 0:
+            self.errors.append(f"docker events: {(err.strip().splitlines() or ['failed'])[-1]}")
+            return []
+        found = []
+        for line in out.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            attributes = (event.get("Actor") or {}).get("Attributes") or {}
+            exit_code = attributes.get("exitCode")
+            found.append({
+                "time": event.get("time"),
+                "action": event.get("Action") or event.get("status"),
+                "id": (event.get("Actor") or {}).get("ID") or event.get("id"),
+                "name": attributes.get("name"),
+                "service": attributes.get("io.edgefit.service") or attributes.get("com.docker.compose.service"),
+                "exit_code": int(exit_code) if exit_code and exit_code.lstrip("-").isdigit() else None,
+            })
+        return found
+
+    # -- memory and CPU of one container
+    def processes(self, pid: int) -> list:
+        psutil = self._psutil
+        if psutil is None or not pid:
+            return []
+        try:
+            root = psutil.Process(pid)
+            return [root] + root.children(recursive=True)
+        except (psutil.Error, OSError):
+            return []
+
+    def sample_container(self, record: dict) -> dict | None:
+        directory = record.get("cgroup")
+        if directory:
+            current = read_value(os.path.join(directory, "memory.current"))
+            if isinstance(current, int):
+                stat = read_flat_keyed(os.path.join(directory, "memory.stat")) or {}
+                cpu = read_flat_keyed(os.path.join(directory, "cpu.stat")) or {}
+                sample = {"current": current, "cpu_usec": cpu.get("usage_usec")}
+                sample.update({key: stat[key] for key in STAT_KEYS if key in stat})
+                return sample
+        if self._psutil is not None and record.get("pid"):
+            psutil = self._psutil
+            rss = shared = cpu_s = 0
+            alive = 0
+            for process in self.processes(record["pid"]):
+                try:
+                    with process.oneshot():
+                        info = process.memory_info()
+                        times = process.cpu_times()
+                except (psutil.Error, OSError):
+                    continue
+                alive += 1
+                rss += info.rss
+                shared += getattr(info, "shared", 0)
+                cpu_s += times.user + times.system
+            if alive:
+                record["source"] = "psutil"
+                return {"current": rss, "anon": max(0, rss - shared), "file": shared, "inactive_file": 0,
+                        "cpu_usec": int(cpu_s * 1_000_000), "processes": alive}
+        return None
+
+    def cgroup_snapshot(self, record: dict) -> dict:
+        directory = record.get("cgroup")
+        if not directory:
+            return {}
+        return {
+            "max": read_value(os.path.join(directory, "memory.max")),
+            "swap_max": read_value(os.path.join(directory, "memory.swap.max")),
+            "peak": read_value(os.path.join(directory, "memory.peak")),  # kernel 5.19+
+            "events": read_flat_keyed(os.path.join(directory, "memory.events")),
+            "cpu_max": (read_text(os.path.join(directory, "cpu.max")) or "").strip() or None,
+        }
+
+    # -- checks through docker exec
+    def redis_check(self, record: dict, with_config: bool) -> dict:
+        script = ("redis-cli --no-auth-warning -h 127.0.0.1 CONFIG GET 'maxmemory*'; echo '@@INFO@@'; "
+                  "redis-cli --no-auth-warning -h 127.0.0.1 INFO") if with_config else \
+                 "echo '@@INFO@@'; redis-cli --no-auth-warning -h 127.0.0.1 INFO"
+        code, out, err = self.docker_run("exec", record["id"], "sh", "-c", script)
+        if code != 0 or "@@INFO@@" not in out:
+            return {"error": (err.strip().splitlines() or out.strip().splitlines() or [f"exit {code}"])[-1][:200]}
+        config_part, _, info_part = out.partition("@@INFO@@")
+        result: dict = {}
+        if with_config:
+            lines = [line.strip() for line in config_part.splitlines() if line.strip()]
+            result["config"] = dict(zip(lines[0::2], lines[1::2]))
+        info = {}
+        for line in info_part.splitlines():
+            key, sep, value = line.strip().partition(":")
+            if sep and key in REDIS_INFO_KEYS:
+                info[key] = int(value) if value.isdigit() else value
+        result["info"] = info
+        if not info and with_config and not result["config"]:
+            result["error"] = (out.strip().splitlines() or ["no answer"])[-1][:200]
+        return result
+
+    def postgres_check(self, record: dict) -> dict:
+        names = ",".join(f"'{name}'" for name in POSTGRES_SETTINGS)
+        code, out, err = self.docker_run(
+            "exec", record["id"], "psql", "-U", "postgres", "-d", "postgres", "-XAtq", "-F", "|", "-c",
+            f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})")
+        if code != 0:
+            return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
+        settings = {}
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3:
+                settings[parts[0]] = {"setting": parts[1], "unit": parts[2]}
+        return {"settings": settings}
+
+    def gc_check(self, record: dict) -> dict:
+        code, out, err = self.docker_run("exec", record["id"], "python3", "-c",
+                                         "import gc; print(gc.get_threshold())")
+        if code != 0:
+            return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
+        return {"threshold": out.strip()}
+
+    def start_checks(self) -> list[threading.Thread]:
+        jobs = []
+        for record in self.containers.values():
+            if not record["start"]["running"]:
+                continue
+            service = record["start"]["service"]
+            if service in REDIS_SERVICES:
+                jobs.append((("redis", service), lambda r=record: self.redis_check(r, True)))
+            elif service == POSTGRES_SERVICE:
+                jobs.append((("postgres", None), lambda r=record: self.postgres_check(r)))
+            elif service in GC_SERVICES:
+                jobs.append((("gc", service), lambda r=record: self.gc_check(r)))
+        return [self._thread(key, job) for key, job in jobs]
+
+    def _thread(self, key, job) -> threading.Thread:
+        def target():
+            try:
+                value = job()
+            except Exception as error:  # a check must never take the sampler down
+                value = {"error": f"{type(error).__name__}: {error}"}
+            kind, name = key
+            if kind == "postgres":
+                self.checks["postgres"] = value
+            elif kind == "redis_end":
+                self.checks["redis"].setdefault(name, {})["info_end"] = value.get("info")
+            else:
+                self.checks[kind][name] = value
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        return thread
+
+    # -- the run
+    def host_sample(self, t: float) -> dict:
+        return {"t": round(t, 2), "meminfo_kib": read_meminfo(self.args.proc_root)}
+
+    def take_sample(self, t: float) -> None:
+        self.result["host"]["samples"].append(self.host_sample(t))
+        for record in self.containers.values():
+            sample = self.sample_container(record)
+            if sample is not None:
+                sample["t"] = round(t, 2)
+                record["samples"].append(sample)
+
+    def main(self) -> dict:
+        args = self.args
+        began = time.monotonic()
+        wall_start = time.time()
+        self.result.update({
+            "started": wall_start, "window_s": args.window, "interval_s": args.interval,
+            "events_since_s": args.events_since,
+            "project": args.project,
+            "stack": {"dir": args.stack_dir,
+                      "compose_file": os.path.isfile(os.path.join(args.stack_dir, "docker-compose.yml"))},
+            "host": {"cgroup2": os.path.isfile(os.path.join(args.cgroup_root, "cgroup.controllers")),
+                     "psi_start": read_psi(os.path.join(args.proc_root, "pressure", "memory")),
+                     "samples": []},
+            "psutil": self._psutil is not None,
+        })
+        found = self.list_containers()
+        for view in found or []:
+            record = {"start": view, "samples": [], "source": "cgroup"}
+            record["cgroup"] = cgroup_dir(view["pid"], view["id"], args.cgroup_root, args.proc_root) \
+                if view["running"] else None
+            if view["running"] and not record["cgroup"]:
+                record["source"] = "psutil" if self._psutil else "none"
+            record["cgroup_start"] = self.cgroup_snapshot(record)
+            self.containers[view["id"]] = record
+
+        self.take_sample(0.0)
+        threads = self.start_checks()
+        samples = max(1, int(round(args.window / args.interval)))
+        for index in range(1, samples + 1):
+            target = began + index * args.window / samples
+            time.sleep(max(0.0, target - time.monotonic()))
+            self.take_sample(time.monotonic() - began)
+
+        # End of the window: what changed while we watched.
+        end_threads = []
+        for record in self.containers.values():
+            if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES:
+                end_threads.append(self._thread(("redis_end", record["start"]["service"]),
+                                                lambda r=record: self.redis_check(r, False)))
+        ends = {view["id"]: view for view in self.inspect(list(self.containers))}
+        for container_id, record in self.containers.items():
+            record["end"] = ends.get(container_id)
+            record["cgroup_end"] = self.cgroup_snapshot(record)
+        wall_end = time.time()
+        self.result["events"] = self.events(wall_end - args.events_since, wall_end)
+        self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))
+        self.result["files"] = {path: sha256_file(path) for path in args.hash}
+        deadline = time.monotonic() + EXEC_TIMEOUT
+        for thread in threads + end_threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads + end_threads):
+            self.errors.append(f"some docker exec checks did not answer within {EXEC_TIMEOUT:g}s")
+        self.result["checks"] = self.checks
+        self.result["containers"] = list(self.containers.values())
+        self.result["ended"] = time.time()
+        self.result["elapsed_s"] = round(time.monotonic() - began, 2)
+        return self.result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="edgefit-sampler", description=__doc__.splitlines()[0])
+    parser.add_argument("--window", type=float, default=30.0, help="seconds to watch (default 30)")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples (default 5)")
+    parser.add_argument("--events-since", type=float, default=3600.0,
+                        help="look this many seconds back for OOM kills and exits (default 3600)")
+    parser.add_argument("--hash", action="append", default=[], metavar="PATH",
+                        help="a file whose sha256 to report; repeatable")
+    parser.add_argument("--project", default=PROJECT)
+    parser.add_argument("--stack-dir", default=STACK_DIR)
+    parser.add_argument("--cgroup-root", default="/sys/fs/cgroup")
+    parser.add_argument("--proc-root", default="/proc")
+    parser.add_argument("--docker", default="docker", help="the docker command (tests use a fake)")
+    args = parser.parse_args(argv)
+    if not 0 < args.window <= 3600 or not 0 < args.interval <= args.window:
+        parser.error("need 0 < --interval <= --window <= 3600")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = Sampler(args).main()
+    except Exception as error:  # one JSON document, always
+        result = {"schema": SCHEMA, "fatal": f"{type(error).__name__}: {error}"}
+    sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
