@@ -1,0 +1,155 @@
+"""deploy.py end to end on the Vagrant test hosts (issue 4's bars).
+
+Order matters and is the order of the file: first deploy (fixture), the plan read back from the
+live containers, idempotency, a one-value change, refused inputs, then data surviving a
+`compose down`, a re-deploy and a reboot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.vm_deploy import (DeployedStack, containers, deployed_stack, in_stack, plan_for,  # noqa: F401
+                             reboot_and_wait, run_deploy, started_at)
+
+pytestmark = pytest.mark.vm
+MIB = 1024 * 1024
+
+
+def test_both_hosts_deploy_from_bare_with_every_service_healthy(deployed_stack: DeployedStack):
+    for name, host in deployed_stack.hosts.items():
+        plan = plan_for(host)
+        running = containers(host)
+        assert set(running) == set(plan.services), f"{name}: services differ from the plan"
+        for service, container in running.items():
+            assert container["State"]["Status"] == "running", f"{name}/{service} is {container['State']['Status']}"
+            health = container["State"].get("Health")
+            if health:
+                assert health["Status"] == "healthy", f"{name}/{service} health {health['Status']}"
+
+
+def test_every_container_runs_with_the_limits_of_its_own_hosts_plan(deployed_stack: DeployedStack):
+    plans = {}
+    for name, host in deployed_stack.hosts.items():
+        plan = plans[name] = plan_for(host)
+        assert plan.host.cpus == host["cpus"]
+        for service, container in containers(host).items():
+            limits = container["HostConfig"]
+            assert limits["Memory"] == plan.services[service].mem_limit_mib * MIB, f"{name}/{service} memory"
+            assert limits["MemorySwap"] == limits["Memory"], f"{name}/{service} may swap past its limit"
+            assert limits["NanoCpus"] == round(plan.services[service].cpus * 1e9), f"{name}/{service} cpus"
+            assert container["HostConfig"]["LogConfig"]["Config"].get("max-size"), f"{name}/{service} logs unbounded"
+    # Each host got the plan for its own size: the medium host's budgets are larger.
+    small, medium = plans["edge-small"], plans["edge-medium"]
+    assert medium.services["api"].mem_limit_mib > small.services["api"].mem_limit_mib
+    assert medium.postgres.max_connections > small.postgres.max_connections
+
+
+def test_servers_run_with_the_planned_settings(deployed_stack: DeployedStack):
+    for name, host in deployed_stack.hosts.items():
+        plan = plan_for(host)
+        maxmemory = in_stack(host, "redis", "REDISCLI_AUTH=$REDIS_PASSWORD redis-cli config get maxmemory").stdout.split()
+        assert maxmemory[-1] == str(plan.redis.maxmemory_mib * MIB), f"{name}: redis maxmemory {maxmemory}"
+        policy = in_stack(host, "redis_broker",
+                          "REDISCLI_AUTH=$REDIS_BROKER_PASSWORD redis-cli config get maxmemory-policy").stdout.split()
+        assert policy[-1] == "noeviction", f"{name}: broker policy {policy}"
+
+        show = in_stack(host, "db", "psql -U postgres -d dify -tAc 'show max_connections' -c 'show shared_buffers'").stdout.split()
+        assert show == [str(plan.postgres.max_connections), f"{plan.postgres.shared_buffers_mib}MB"], f"{name}: {show}"
+
+        # Through PgBouncer, with the password from the host's secrets (scram-sha-256).
+        via_bouncer = in_stack(host, "db", "PGPASSWORD=$DB_PASSWORD psql -h pgbouncer -p 6432 -U postgres -d dify "
+                                           "-tAc 'select 40 + 2'").stdout.strip()
+        assert via_bouncer == "42", f"{name}: query through PgBouncer gave {via_bouncer!r}"
+
+        gc_state = json.loads(in_stack(host, "api", "curl -fsS http://127.0.0.1:5001/debug/gc").stdout)
+        assert list(gc_state["threshold"]) == list(plan.dify.gc_threshold), f"{name}: api GC {gc_state}"
+
+
+def test_a_second_run_changes_nothing_and_restarts_nothing(deployed_stack: DeployedStack):
+    before = {name: started_at(host) for name, host in deployed_stack.hosts.items()}
+    run = run_deploy(deployed_stack.inventory)
+    assert run.returncode == 0, run.output[-4000:]
+    changed = {name: run.changed_operations(name) for name in deployed_stack.hosts}
+    assert run.changed == 0, f"second run changed: {changed}"
+    after = {name: started_at(host) for name, host in deployed_stack.hosts.items()}
+    assert after == before, "containers were restarted by a run that changed nothing"
+
+
+def test_changing_one_template_value_restarts_only_the_services_that_use_it(deployed_stack: DeployedStack, tmp_path):
+    host = deployed_stack.hosts["edge-small"]
+    before = started_at(host)
+    # The domain only reaches nginx.conf's server_name.
+    run = run_deploy(deployed_stack.inventory, "--limit", "edge-small", "--data", "edgefit_domain=dify.test.invalid")
+    assert run.returncode == 0, run.output[-4000:]
+    after = started_at(host)
+    restarted = sorted(service for service in before if after.get(service) != before[service])
+    assert restarted == ["nginx"], f"restarted {restarted}; changed ops {run.changed_operations('edge-small')}"
+    # And back: the default again, nginx again, nothing else.
+    before = after
+    run = run_deploy(deployed_stack.inventory, "--limit", "edge-small")
+    assert run.returncode == 0, run.output[-4000:]
+    after = started_at(host)
+    assert sorted(s for s in before if after.get(s) != before[s]) == ["nginx"]
+
+
+def _host_state(host) -> str:
+    """Everything a deploy writes, by content and time: an unchanged string means untouched."""
+    return host.run(
+        "find /opt/edgefit /etc/edgefit /etc/docker /etc/sysctl.d /etc/fstab -type f -printf '%p %T@ %s\\n' | sort; "
+        f"docker ps -a --format '{{{{.Names}}}} {{{{.ID}}}} {{{{.Status}}}}' | sort | sed 's/Up [^(]*/Up/'"
+    ).stdout
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"edgefit_vector_store": "milvus"}, ["unknown vector store", "milvus"]),
+    ({"edgefit_images": {"api": "langgenius/dify-api:latest"}}, ["latest", "pin a release"]),
+    ({"edgefit_data_disk": "/dev/vdz"}, ["/dev/vdz", "does not exist"]),
+    ({"edgefit_size_override": {"cpus": 2, "memory": "3G"}}, ["too small", "at least"]),
+], ids=["unknown-vector-store", "latest-tag", "missing-data-disk", "below-minimum"])
+def test_bad_inventory_input_stops_before_anything_changes(deployed_stack: DeployedStack, vm_hosts, tmp_path,
+                                                           data, expected):
+    host = deployed_stack.hosts["edge-small"]
+    inventory = tmp_path / "bad.py"
+    connection = host.pyinfra_data()
+    inventory.write_text(
+        "import json\n"
+        f"vagrant = [('edge-small', {{**json.loads({json.dumps(json.dumps(connection))}), "
+        f"**json.loads({json.dumps(json.dumps(data))})}})]\n"
+    )
+    before = _host_state(host)
+    run = run_deploy(inventory, timeout=600)
+    assert run.returncode != 0, "a bad input was deployed"
+    assert "Traceback" not in run.output
+    assert "edge-small" in run.output and all(word in run.output for word in expected), run.output[-3000:]
+    assert "Nothing was changed" in run.output
+    assert _host_state(host) == before, "the host changed although the input was refused"
+
+
+def test_data_survives_compose_down_redeploy_and_reboot(deployed_stack: DeployedStack):
+    host = deployed_stack.hosts["edge-small"]
+    marker = f"kept-{int(time.time())}"
+    in_stack(host, "db", f"psql -U postgres -d dify -c 'create table if not exists edgefit_keep (v text)' "
+                         f"-c \"insert into edgefit_keep values ('{marker}')\"")
+
+    def marker_present() -> bool:
+        rows = in_stack(host, "db", "psql -U postgres -d dify -tAc 'select v from edgefit_keep'").stdout.split()
+        return marker in rows
+
+    host.run("cd /opt/edgefit && docker compose down", timeout=300)
+    run = run_deploy(deployed_stack.inventory, "--limit", "edge-small")
+    assert run.returncode == 0, run.output[-4000:]
+    assert marker_present(), "data lost after docker compose down + re-deploy"
+
+    print(f"[deploy] edge-small rebooted in {reboot_and_wait(host):.0f}s")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:  # restart: always brings the stack back with Docker
+        if host.run("docker exec edgefit-dify-db-1 pg_isready -q -h 127.0.0.1", check=False, timeout=60).returncode == 0:
+            break
+        time.sleep(10)
+    mount = host.run(f"findmnt -n -o SOURCE --target {plan_for(host).data_root}").stdout.strip()
+    assert mount == host["data_disk"], f"after reboot the data root is on {mount}, not the data disk"
+    assert marker_present(), "data lost after a reboot"
