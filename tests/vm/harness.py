@@ -1,17 +1,43 @@
 """up / down / status of the test hosts. Every step is bounded, timed and printed."""
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from . import box, config, forward, netns
 from .proc import CommandFailed, phase, process_name, say, stop_pid, wait_until
 from .ssh import run_ssh, ssh_answers
 from .vagrant import vagrant
+
+
+LOCK_TIMEOUT = 1800  # another up/down (a parallel test run, a developer) may hold it while booting
+
+
+@contextmanager
+def exclusive(what: str) -> Iterator[None]:
+    """One up/down at a time per machine: they share the namespace, the daemons and .vagrant/."""
+    config.state_dir().mkdir(parents=True, exist_ok=True)
+    with open(config.state_dir() / "lock", "w") as lock:
+        def acquired() -> bool:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+
+        if not acquired():
+            say(f"{what}: another scripts/vm up/down is running; waiting for it")
+            wait_until("the test-host lock", acquired, timeout=LOCK_TIMEOUT, interval=2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_hosts() -> dict[str, dict]:
@@ -48,6 +74,11 @@ def _guest_ip(host: str) -> str | None:
 def up(names: Iterable[str], *, wait_for_docker: bool = False) -> dict[str, dict]:
     """Boots the named hosts (those not already up, in parallel) and returns their entries."""
     names = list(dict.fromkeys(names)) or ["edge-small"]
+    with exclusive("up"):
+        return _up(names, wait_for_docker)
+
+
+def _up(names: list[str], wait_for_docker: bool) -> dict[str, dict]:
     unknown = [n for n in names if n not in config.HOSTS]
     if unknown:
         raise SystemExit(f"unknown test host(s) {', '.join(unknown)}; known: {', '.join(config.HOSTS)}")
@@ -105,6 +136,11 @@ def wait_docker(entry: dict, timings: dict[str, float] | None = None) -> None:
 
 def down() -> None:
     """Destroys every test host and stops everything `up` started. Safe to run any time, twice."""
+    with exclusive("down"):
+        _down()
+
+
+def _down() -> None:
     timings: dict[str, float] = {}
     with phase("down", timings):
         hosts = read_hosts()
@@ -186,3 +222,53 @@ def status() -> int:
         print("hosts:      none up")
     print(f"inventory:  inventory/vagrant.py (reads {config.hosts_file()})")
     return 0 if healthy else 1
+
+
+def destroy(names: Iterable[str]) -> None:
+    """Destroys some hosts; when none is left, everything else `up` started goes too."""
+    names = list(names)
+    with exclusive("destroy"):
+        hosts = read_hosts()
+        if netns.netns_exists() and "libvirtd" in netns.daemons_running():
+            with phase(f"vagrant destroy {' '.join(names)}"):
+                vagrant("destroy", "--force", *names, timeout=config.VAGRANT_DESTROY_TIMEOUT)
+        _stop_forwarders({n: e for n, e in hosts.items() if n in names})
+        remaining = {n: e for n, e in hosts.items() if n not in names}
+        _write_hosts(remaining)
+        if not remaining:
+            _down()
+
+
+def qemu_processes(name: str) -> list[int]:
+    """PIDs of QEMU processes running the host's libvirt domain (guest=NAME on their command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(f"guest={domain_name(name)}".encode() in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def leftovers(names: Iterable[str]) -> list[str]:
+    """What is still there of the named hosts: domains, their volumes, QEMU processes, forwarders."""
+    found = []
+    if netns.netns_exists() and "libvirtd" in netns.daemons_running():
+        domains = set(netns.virsh("list", "--all", "--name").split())
+        volumes = netns.volumes()
+        for name in names:
+            found += [f"libvirt domain {d}" for d in domains if d == domain_name(name)]
+            found += [f"libvirt volume {v}" for v in volumes if v.startswith(domain_name(name))]
+    for name in names:
+        found += [f"qemu process {pid} of {name}" for pid in qemu_processes(name)]
+        # also with libvirtd stopped: its files on disk
+        found += [f"volume file {p}" for p in config.POOL_DIR.glob(domain_name(name) + "*")]
+        found += [f"domain definition {p}" for p in Path("/etc/libvirt/qemu").glob(domain_name(name) + ".xml")]
+        entry = read_hosts().get(name)
+        if entry:
+            found.append(f"{name} still listed in {config.hosts_file()}")
+    return found

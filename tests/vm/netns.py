@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from . import config
@@ -74,8 +75,12 @@ def start() -> None:
             continue
         pid_file = run_dir / f"{name}.pid"
         pid_file.unlink(missing_ok=True)
-        # -d forks into the background; --pid-file tells us which process that is.
-        run(netns_exec(name, "-d", "--pid-file", str(pid_file)), timeout=30, label=name)
+        # In the foreground under tests/vm/reaper.py (see there why); --pid-file names it.
+        with open(config.state_dir() / f"{name}.log", "ab") as log:
+            subprocess.Popen(
+                netns_exec(sys.executable, "-m", "tests.vm.reaper", name, "--pid-file", str(pid_file)),
+                cwd=config.REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
         wait_until(f"{name} pid file", pid_file.exists, timeout=config.DAEMON_START_TIMEOUT, interval=0.2)
         pids[name] = int(pid_file.read_text().split()[0])
         _pids_file().write_text(json.dumps(pids))
