@@ -218,6 +218,8 @@ class Sampler:
         self.result: dict = {"schema": SCHEMA, "errors": self.errors}
         self.containers: dict[str, dict] = {}  # id -> record
         self.checks: dict = {"redis": {}, "postgres": None, "gc": {}}
+        self._end_views: list[dict] | None = None
+        self._events: list[dict] | None = None
         self._psutil = None
         try:
             import psutil  # noqa: PLC0415 - optional
@@ -226,8 +228,8 @@ class Sampler:
             pass
 
     # -- docker
-    def docker_run(self, *argv: str, timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str, str]:
-        return run(self.docker + list(argv), timeout)
+    def docker_run(self, *argv: str) -> tuple[int | None, str, str]:
+        return run(self.docker + list(argv), self.args.exec_timeout)
 
     def list_containers(self) -> list[dict] | None:
         code, out, err = self.docker_run("ps", "-aq", "--no-trunc", "--filter",
@@ -296,11 +298,11 @@ class Sampler:
                 sample = {"current": current, "cpu_usec": cpu.get("usage_usec")}
                 sample.update({key: stat[key] for key in STAT_KEYS if key in stat})
                 return sample
-        if self._psutil is not None and record.get("pid"):
+        if self._psutil is not None and record["start"].get("pid"):
             psutil = self._psutil
             rss = shared = cpu_s = 0
             alive = 0
-            for process in self.processes(record["pid"]):
+            for process in self.processes(record["start"]["pid"]):
                 try:
                     with process.oneshot():
                         info = process.memory_info()
@@ -394,7 +396,11 @@ class Sampler:
             except Exception as error:  # a check must never take the sampler down
                 value = {"error": f"{type(error).__name__}: {error}"}
             kind, name = key
-            if kind == "postgres":
+            if kind == "inspect_end":
+                self._end_views = value if isinstance(value, list) else []
+            elif kind == "events":
+                self._events = value if isinstance(value, list) else []
+            elif kind == "postgres":
                 self.checks["postgres"] = value
             elif kind == "redis_end":
                 self.checks["redis"].setdefault(name, {})["info_end"] = value.get("info")
@@ -432,8 +438,12 @@ class Sampler:
             "psutil": self._psutil is not None,
         })
         found = self.list_containers()
+        if found is None:  # docker does not answer: nothing to watch
+            self.result.update({"containers": [], "checks": self.checks, "events": [], "files": {},
+                                "ended": time.time(), "elapsed_s": round(time.monotonic() - began, 2)})
+            return self.result
         for view in found or []:
-            record = {"start": view, "samples": [], "source": "cgroup"}
+            record = {"id": view["id"], "start": view, "samples": [], "source": "cgroup"}
             record["cgroup"] = cgroup_dir(view["pid"], view["id"], args.cgroup_root, args.proc_root) \
                 if view["running"] else None
             if view["running"] and not record["cgroup"]:
@@ -449,25 +459,30 @@ class Sampler:
             time.sleep(max(0.0, target - time.monotonic()))
             self.take_sample(time.monotonic() - began)
 
-        # End of the window: what changed while we watched.
+        # End of the window: what changed while we watched. All docker calls at once, so the
+        # run ends at most one --exec-timeout after the window.
         end_threads = []
         for record in self.containers.values():
             if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES:
                 end_threads.append(self._thread(("redis_end", record["start"]["service"]),
                                                 lambda r=record: self.redis_check(r, False)))
-        ends = {view["id"]: view for view in self.inspect(list(self.containers))}
-        for container_id, record in self.containers.items():
-            record["end"] = ends.get(container_id)
-            record["cgroup_end"] = self.cgroup_snapshot(record)
         wall_end = time.time()
-        self.result["events"] = self.events(wall_end - args.events_since, wall_end)
+        end_threads.append(self._thread(("inspect_end", None), lambda: self.inspect(list(self.containers))))
+        end_threads.append(self._thread(("events", None),
+                                        lambda: self.events(wall_end - args.events_since, wall_end)))
+        for record in self.containers.values():
+            record["cgroup_end"] = self.cgroup_snapshot(record)
         self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))
         self.result["files"] = {path: sha256_file(path) for path in args.hash}
-        deadline = time.monotonic() + EXEC_TIMEOUT
+        deadline = time.monotonic() + args.exec_timeout + 0.5
         for thread in threads + end_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in threads + end_threads):
-            self.errors.append(f"some docker exec checks did not answer within {EXEC_TIMEOUT:g}s")
+            self.errors.append(f"some docker calls did not answer within {args.exec_timeout:g}s")
+        ends = {view["id"]: view for view in self._end_views or []}
+        for container_id, record in self.containers.items():
+            record["end"] = ends.get(container_id)
+        self.result["events"] = self._events or []
         self.result["checks"] = self.checks
         self.result["containers"] = list(self.containers.values())
         self.result["ended"] = time.time()
@@ -488,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup")
     parser.add_argument("--proc-root", default="/proc")
     parser.add_argument("--docker", default="docker", help="the docker command (tests use a fake)")
+    parser.add_argument("--exec-timeout", type=float, default=EXEC_TIMEOUT,
+                        help=f"seconds one docker call may take (default {EXEC_TIMEOUT:g})")
     args = parser.parse_args(argv)
     if not 0 < args.window <= 3600 or not 0 < args.interval <= args.window:
         parser.error("need 0 < --interval <= --window <= 3600")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -37,9 +38,10 @@ STACK_DIR = "/opt/edgefit"
 # ---------------------------------------------------------------------------------------------
 # Expectations: what the plan says, in the units the samples come in
 
-def stack_file_destination(path: str, stack_dir: str = STACK_DIR) -> str:
-    """Where a rendered file lives on the host (render.py: host/... mirrors the root)."""
-    return "/" + path[len("host/"):] if path.startswith("host/") else f"{stack_dir}/{path}"
+def stack_file_destination(path: str, stack_dir: str = STACK_DIR, root: str = "") -> str:
+    """Where a rendered file lives on the host (render.py: host/... mirrors the root); root
+    prefixes both (a test tree)."""
+    return root + ("/" + path[len("host/"):] if path.startswith("host/") else f"{stack_dir}/{path}")
 
 
 def postgres_expected(postgres) -> dict:
@@ -63,12 +65,13 @@ def postgres_expected(postgres) -> dict:
     }
 
 
-def expectations(plan, rendered=None, *, stack_dir: str = STACK_DIR, files_error: str | None = None) -> dict:
+def expectations(plan, rendered=None, *, stack_dir: str = STACK_DIR, files_error: str | None = None,
+                 root: str = "") -> dict:
     """plan: edgefit.plan.Plan; rendered: render_stack()'s files (None when the host's secrets
     could not be read: then files_error says why and no file is compared)."""
     files = None
     if rendered is not None:
-        files = {stack_file_destination(f.path, stack_dir): hashlib.sha256(f.content.encode()).hexdigest()
+        files = {stack_file_destination(f.path, stack_dir, root): hashlib.sha256(f.content.encode()).hexdigest()
                  for f in rendered}
     python_services = [name for name in ("api", "worker", "worker_beat") if name in plan.services]
     return {
@@ -628,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-since", type=float, default=900.0)
     parser.add_argument("--json-out", help="write the full report here")
     parser.add_argument("--host", default=os.uname().nodename)
+    parser.add_argument("--sampler-args", default="", help="more arguments for the sampler (tests)")
     args = parser.parse_args(argv)
     try:
         with open(args.expect) as handle:
@@ -639,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                "--events-since", str(args.events_since)]
     for path in sorted(expected.get("files") or {}):
         command += ["--hash", path]
+    command += shlex.split(args.sampler_args)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.window + 30)
         samples = json.loads(done.stdout.strip().splitlines()[-1])
