@@ -10,6 +10,7 @@ from roles.facts import plan_host
 from roles.host import tune_host
 from roles.secrets import ensure_secrets
 from roles.stack import deploy_stack
+from roles.verify_timer import install_verify_timer
 from roles.volumes import prepare_volumes
 
 plan, settings, facts = plan_host()  # every check that can refuse a host happens here
@@ -20,3 +21,4 @@ tune_host(plan, rendered, facts)
 install_docker(settings, rendered, facts)
 prepare_volumes(plan, settings)
 deploy_stack(plan, settings, rendered)
+install_verify_timer(plan, rendered)

@@ -94,6 +94,8 @@ def load_inventory(inventory: str, limits: list[str] | None):
     ctx_config.set(config)
     try:
         loaded = make_inventory(inventory, cwd=cwd)
+    except SystemExit as error:  # an inventory may refuse itself (inventory/vagrant.py without hosts)
+        raise VerifyUsageError(f"inventory {inventory}: {error}") from None
     except CliError as error:
         raise VerifyUsageError(f"inventory {inventory}: {error.message if hasattr(error, 'message') else error}") from None
     except Exception as error:  # the inventory is Python: anything can go wrong in it

@@ -53,3 +53,12 @@ edgefit_size_override = None
 # --- Waits
 # Seconds to wait for every healthcheck to pass after `docker compose up` (bounded).
 edgefit_health_timeout = 900
+
+# --- Verify timer (edgefit verify on the host itself, between deploys)
+# True installs a systemd timer that samples the stack for 20 s and logs a verdict to the
+# journal every edgefit_verify_timer_every (`journalctl -u edgefit-verify`; the full report is
+# /var/lib/edgefit/verify-last.json; the unit fails on a problem). It checks what
+# `edgefit verify` checks against the plan of the last deploy, so slow leaks are caught between
+# deploys. Off by default; setting it back to False removes the timer on the next deploy.
+edgefit_verify_timer = False
+edgefit_verify_timer_every = "5min"  # a systemd time span: 300s, 5min, 1h

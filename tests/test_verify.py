@@ -680,3 +680,30 @@ def test_the_plan_is_recomputed_from_the_same_facts_and_host_data_as_the_deploy(
     assert result["total"] == make_plan(HostSize(cpus, memory, 40)).total_mem_limit_mib == result["expected_total"]
     assert result["files"] >= 15 and not result["secret_leak"]
     assert "blockdev --getsize64 /dev/vdb" in result["command"] and "/etc/edgefit/secrets.env" in result["command"]
+
+
+# ---- the verify timer (roles/verify_timer.py) ---------------------------------------------------
+
+def test_the_timer_units_render_and_pass_systemd_analyze(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from roles.verify_timer import TIMESPAN, render_units, since_seconds
+
+    assert since_seconds("5min") == 900 and since_seconds("1h") == 3 * 3600 and since_seconds("60s") == 900
+    assert TIMESPAN.match("300s") and not TIMESPAN.match("5 minutes") and not TIMESPAN.match("1h; rm -rf /")
+    units = render_units("10min", since_seconds("10min"))
+    service, timer = units["edgefit-verify.service"], units["edgefit-verify.timer"]
+    assert "--events-since 1800" in service and "/usr/local/lib/edgefit/verify.py" in service
+    assert "OnUnitActiveSec=10min" in timer and "WantedBy=timers.target" in timer
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+    if shutil.which("systemd-analyze") is None or not Path("/usr/bin/python3").exists():
+        pytest.skip("systemd-analyze or /usr/bin/python3 missing here")
+    done = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / n) for n in units)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "edgefit-verify" not in done.stderr, done.stderr
+
+
+def test_group_data_documents_the_timer_off_by_default():
+    text = (REPO / "group_data" / "all.py").read_text()
+    assert "\nedgefit_verify_timer = False" in text and 'edgefit_verify_timer_every = "5min"' in text
+    assert "install_verify_timer(plan, rendered)" in (REPO / "deploy.py").read_text()
