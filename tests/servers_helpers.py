@@ -13,6 +13,7 @@ the way the api container does. The rules all of them follow:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pwd
 import resource
