@@ -329,7 +329,8 @@ def plan_postgres(db_mib: int, cores: int, max_connections: int, disk_gib: int |
         effective_cache_size_mib=db_mib * 3 // 4,
         maintenance_work_mem_mib=min(8192, db_mib // 16),
         work_mem_mib=work_mem,
-        wal_buffers_kib=min(16 * 1024, max(64, shared_buffers * 1024 * 3 // 100)),
+        # Postgres counts wal_buffers in 8 kB pages: round down so SHOW gives what the plan says.
+        wal_buffers_kib=min(16 * 1024, max(64, shared_buffers * 1024 * 3 // 100)) // 8 * 8,
         min_wal_size_mib=max_wal // 4,
         max_wal_size_mib=max_wal,
         max_worker_processes=max_worker_processes,

@@ -338,8 +338,7 @@ def test_postgres_runs_the_planned_settings(pg_stack):
         assert pg_size_kib(show("maintenance_work_mem")) == planned.maintenance_work_mem_mib * 1024
         assert pg_size_kib(show("min_wal_size")) == planned.min_wal_size_mib * 1024
         assert pg_size_kib(show("max_wal_size")) == planned.max_wal_size_mib * 1024
-        # wal_buffers is counted in 8 kB WAL pages: Postgres rounds the plan's kB to a page.
-        assert abs(pg_size_kib(show("wal_buffers")) - planned.wal_buffers_kib) < 8
+        assert pg_size_kib(show("wal_buffers")) == planned.wal_buffers_kib
         assert int(show("superuser_reserved_connections")) == planned.superuser_reserved_connections
         assert int(show("max_worker_processes")) == planned.max_worker_processes
         assert int(show("max_parallel_workers")) == planned.max_parallel_workers
