@@ -253,7 +253,7 @@ class Sampler:
 
     def events(self, since: float, until: float) -> list[dict]:
         code, out, err = self.docker_run(
-            "events", "--since", f"{since:.3f}", "--until", f"{until:.3f}",
+            "events", "--since", str(int(since)), "--until", str(int(until) + 1),  # whole seconds: docker's format
             "--filter", "type=container", "--filter", f"label=com.docker.compose.project={self.args.project}",
             "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}")
         if code != 0:
