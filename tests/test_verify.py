@@ -424,8 +424,12 @@ def test_postgres_settings_that_differ_fail_and_unit_rounding_does_not(fake, pla
         f"Postgres max_connections is 100, the plan says {plan.postgres.max_connections}",
         f"Postgres shared_buffers is 128 MiB, the plan says {plan.postgres.shared_buffers_mib} MiB",
     ])
-    # wal_buffers is planned in kB and reported in 8 kB pages: the healthy baseline passed it.
-    assert plan.postgres.wal_buffers_kib % 8 != 0
+    # A setting Postgres rounds to its unit (wal_buffers in 8 kB pages) is not drift.
+    fake.set_postgres({})
+    fake.expected["postgres"]["wal_buffers"] += 4096
+    assert not fails(verify.evaluate(fake.sample(), fake.expected))
+    fake.expected["postgres"]["wal_buffers"] += 8192
+    assert [f["message"].split()[1] for f in fails(verify.evaluate(fake.sample(), fake.expected))] == ["wal_buffers"]
 
 
 def test_gc_thresholds_not_in_effect_fail(fake):
