@@ -103,7 +103,9 @@ OPTIONAL_SERVICES = tuple(name for name, rule in SERVICE_RULES.items() if rule.o
 RESERVE_FIXED_MIB = 320
 RESERVE_FRACTION = 0.06
 
-MIN_DISK_GIB = 20  # images (~6 GiB), database, uploads and bounded logs
+# The disk Dify's data lives on (the data disk when one is named; images stay on the root
+# filesystem under /var/lib/docker): the database, uploads, Redis dumps and bounded logs.
+MIN_DISK_GIB = 8
 
 
 def reserve_mib(memory_mib: int) -> int:
@@ -352,7 +354,7 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
         raise PlanError(f"memory must be positive, got {size.memory_mib} MiB")
     if size.disk_gib is not None and size.disk_gib < MIN_DISK_GIB:
         raise HostTooSmall(f"a disk of {size.disk_gib} GiB is too small for Dify: it needs at least "
-                           f"{MIN_DISK_GIB} GiB for images, the database and bounded logs.")
+                           f"{MIN_DISK_GIB} GiB for the database, uploads and Redis dumps.")
     services = plan_services(options)
     images = resolve_images(services, options.images, options.dify_version)
 

@@ -185,7 +185,7 @@ BAD_INPUT = {
                   [str(minimum_memory_mib(list(CORE_SERVICES))), "--without", *LEAN.split(",")]),
     "too-small-lean": (["--cpus", "1", "--memory", "2G", "--without", LEAN],
                        [str(minimum_memory_mib(plan_services(Options(without=frozenset(LEAN.split(",")))))), "at least"]),
-    "disk-too-small": (["--preset", "2C4G", "--disk", "10G"], ["10 GiB", "20 GiB"]),
+    "disk-too-small": (["--preset", "2C4G", "--disk", "6G"], ["6 GiB", "8 GiB"]),
     "unknown-without": (["--preset", "2C4G", "--without", "foo"], ["foo", "worker_beat"]),
     "required-without": (["--preset", "2C4G", "--without", "db"], ["db"]),
     "sandbox-without-proxy": (["--preset", "2C4G", "--without", "ssrf_proxy"], ["ssrf_proxy"]),
