@@ -112,6 +112,10 @@ class DockerInstalled(FactBase):
 class StackContainers(FactBase):
     """service -> state ('running', 'exited', ...) of the stack's containers."""
 
+    @staticmethod
+    def default():  # no output (no containers) is an empty stack, not an unknown one
+        return {}
+
     def command(self) -> str:
         return (
             f"docker ps -a --filter label=com.docker.compose.project={COMPOSE_PROJECT} "
@@ -129,6 +133,10 @@ class StackContainers(FactBase):
 
 class MissingImages(FactBase):
     """Which of the given image references are not present on the host."""
+
+    @staticmethod
+    def default():
+        return []
 
     def command(self, refs: tuple[str, ...]) -> str:
         checks = "; ".join(
