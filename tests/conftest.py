@@ -14,6 +14,17 @@ if _REPO not in sys.path:
 pytest_plugins = ["tests.vm.fixtures"]
 
 
+def pytest_collection_modifyitems(items):
+    """Fast tests first, then the VM smoke test (does the harness work at all? It starts from a
+    fresh edge-small and ends by destroying it), then the other VM tests."""
+    def tier(item):
+        if not item.get_closest_marker("vm"):
+            return 0
+        return 1 if item.path.name == "test_vm_smoke.py" else 2
+
+    items.sort(key=tier)  # stable: the order within each tier stays as collected
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With CI=true a skipped @pytest.mark.vm test is a failure: CI must run the VM tier."""

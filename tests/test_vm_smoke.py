@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -41,35 +42,42 @@ def busybox_rootfs_tar() -> bytes:
     return buffer.getvalue()
 
 
+# edge-small unless EDGEFIT_SMOKE_HOST names another test host (e.g. edge-medium)
+SMOKE_HOST = os.environ.get("EDGEFIT_SMOKE_HOST", "edge-small")
+
+
 @pytest.fixture(scope="module")
-def host(edge_small):
-    return edge_small
+def host(vm_hosts):
+    return vm_hosts[SMOKE_HOST]
 
 
 def test_pyinfra_reads_facts_over_ssh(host, vm_hosts, tmp_path):
-    inventory = vm_hosts.write_inventory(tmp_path / "inventory.py", "edge-small")
+    inventory = vm_hosts.write_inventory(tmp_path / "inventory.py", host.name)
     result = subprocess.run(
-        [str(REPO / ".venv/bin/pyinfra"), str(inventory), "fact",
+        [str(REPO / ".venv/bin/pyinfra"), "--json", str(inventory), "fact",
          "server.Os", "server.Hostname", "hardware.Cpus", "hardware.Memory", "server.LinuxDistribution"],
         capture_output=True, text=True, timeout=300, env=vm_hosts.pyinfra_env(), cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    facts = json.loads(result.stdout)["edge-small"]
+    facts = {fact: by_host[host.name] for fact, by_host in json.loads(result.stdout).items()}
+    spec = config.HOSTS[host.name]
     assert facts["server.Os"] == "Linux"
-    assert facts["server.Hostname"] == "edge-small"
-    assert facts["hardware.Cpus"] == 2
-    # hardware.Memory is MemTotal in MiB; the kernel keeps a little of the 4096 for itself
-    assert 3500 <= facts["hardware.Memory"] <= 4096, facts["hardware.Memory"]
+    assert facts["server.Hostname"] == host.name
+    assert facts["hardware.Cpus"] == spec.cpus
+    # hardware.Memory is MemTotal in MiB: what the VM has less what the kernel keeps (~5 %)
+    assert 0.9 * spec.memory_mib <= facts["hardware.Memory"] <= spec.memory_mib, facts["hardware.Memory"]
     assert facts["server.LinuxDistribution"]["release_meta"]["VERSION_CODENAME"] == "bookworm"
 
 
 def test_inventory_file_lists_the_host_in_its_size_group(host, vm_hosts):
     result = subprocess.run(
-        [str(REPO / ".venv/bin/pyinfra"), str(vm_hosts.inventory()), "--limit", "small", "exec", "--", "nproc"],
+        [str(REPO / ".venv/bin/pyinfra"), str(vm_hosts.inventory()), "--limit", config.HOSTS[host.name].size,
+         "exec", "--", "nproc"],
         capture_output=True, text=True, timeout=300, env=vm_hosts.pyinfra_env(), cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "edge-small" in result.stdout + result.stderr
+    expected = f"[{host.name}] {config.HOSTS[host.name].cpus}"
+    assert expected in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 def test_host_has_cgroup_v2_with_memory_controller(host):
@@ -120,11 +128,11 @@ def test_second_disk_is_there_and_unformatted(host):
 
 
 def test_destroy_leaves_nothing_behind(host, vm_hosts):
-    if "edge-small" not in vm_hosts.booted_here:
-        pytest.skip("edge-small was up before this session (scripts/vm up); not destroying someone's host")
-    vm_hosts.destroy("edge-small")
-    assert harness.leftovers(["edge-small"]) == []
-    assert harness.qemu_processes("edge-small") == []
+    if host.name not in vm_hosts.booted_here:
+        pytest.skip(f"{host.name} was up before this session (scripts/vm up); not destroying someone's host")
+    vm_hosts.destroy(host.name)
+    assert harness.leftovers([host.name]) == []
+    assert harness.qemu_processes(host.name) == []
     if not harness.read_hosts():  # nothing else up: the daemons and the namespace are gone too
         from tests.vm import netns
 

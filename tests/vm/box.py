@@ -59,11 +59,11 @@ def ensure_box(timings: dict[str, float] | None = None) -> LocalBox:
             run([str(config.BOX_RECIPE_DIR / "build-box.sh"), str(out), str(config.COMPOSE_BINARY),
                  str(config.cache_dir() / "debs")], timeout=config.BOX_BUILD_TIMEOUT, label="box")
             (out / "complete").write_text(key + "\n")
-        _forget_other_boxes(key)
     else:
         say(f"box {key} is cached in {out}")
         if timings is not None:
             timings.setdefault("box build", 0.0)
+    _forget_other_boxes(key)
     os.chmod(out / "id_rsa", 0o600)
     box = LocalBox(
         key=key, name=BOX_NAME_PREFIX + key, box_file=str(out / "edgefit.box"),
@@ -100,10 +100,21 @@ def _register_with_vagrant(box: LocalBox, timings: dict[str, float] | None) -> N
             timeout=600, env=vagrant_env(), label="vagrant", echo=lambda line: False)
 
 
+def _boxes_in_use() -> set[str]:
+    """Keys of boxes that running hosts were made from (their SSH key lives in the box dir)."""
+    try:
+        hosts = json.loads(config.hosts_file().read_text())
+    except (OSError, ValueError):
+        return set()
+    return {Path(entry["ssh_key"]).parent.name for entry in hosts.values()}
+
+
 def _forget_other_boxes(current: str) -> None:
-    """A recipe change leaves the old box behind: remove it so the cache does not grow."""
+    """A recipe change leaves the old box behind: remove it so the cache does not grow, unless
+    a running host still uses it (then the next build after `down` removes it)."""
+    in_use = _boxes_in_use()
     for old in (config.cache_dir() / "box").iterdir():
-        if old.name != current and old.is_dir():
+        if old.name != current and old.is_dir() and old.name not in in_use:
             say(f"removing old box {old.name}")
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(_vagrant_box_dir(BOX_NAME_PREFIX + old.name), ignore_errors=True)

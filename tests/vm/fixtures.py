@@ -15,6 +15,7 @@ missing tool is an error; elsewhere the tests skip with one sentence saying what
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -85,16 +86,27 @@ class VMHost(dict):
 class VagrantHosts:
     """Session-wide handle on the test hosts. Call it with host names to get them running."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture_manager: Any = None) -> None:
+        self._capture = capture_manager
         self._lock = threading.Lock()
         self.booted_here: set[str] = set()  # destroyed at session end
         self.found_running: set[str] = set()  # up before the session: left alone
         self._docker_ready: set[str] = set()
         self._finished = False
 
+    def _live_output(self) -> Any:
+        """Boot progress and timings go straight to the terminal / CI log, not pytest's capture."""
+        if self._capture is None:
+            return contextlib.nullcontext()
+        return self._capture.global_and_fixture_disabled()
+
     def __call__(self, *names: str) -> dict[str, VMHost]:
         names = names or ("edge-small",)
         with self._lock:
+            known = harness.read_hosts()
+            if set(names) <= self._docker_ready and all(n in known and ssh_answers(known[n]) for n in names):
+                return {n: VMHost(known[n]) for n in names}  # already up and checked this session
+        with self._lock, self._live_output():
             if self._finished:
                 raise RuntimeError("the test-host session has already been torn down")
             already = {n for n, e in harness.read_hosts().items() if ssh_answers(e)}
@@ -132,14 +144,14 @@ class VagrantHosts:
         foreign = set(names) & self.found_running
         if foreign:
             raise RuntimeError(f"{', '.join(sorted(foreign))} was up before this session; not destroying it")
-        with self._lock:
+        with self._lock, self._live_output():
             harness.destroy(names)
             self.booted_here -= set(names)
             self._docker_ready -= set(names)
 
     def finish(self) -> None:
         """Destroys what this session booted; when nothing else is up, stops the daemons too."""
-        with self._lock:
+        with self._lock, self._live_output():
             if self._finished:
                 return
             self._finished = True
@@ -152,18 +164,22 @@ _active: VagrantHosts | None = None
 
 
 def _teardown_on_exit() -> None:
+    """Backstop when the session ended without its finalizer (e.g. the interpreter is exiting)."""
     if _active is not None:
+        _active._capture = None  # pytest's capture may be gone already
         _active.finish()
 
 
-def _teardown_on_signal(signum: int, frame: Any) -> None:
-    print(f"\n[vm] signal {signum}: destroying the test hosts before exiting", file=sys.stderr)
-    _teardown_on_exit()
-    raise SystemExit(128 + signum)
+def _interrupt_on_signal(signum: int, frame: Any) -> None:
+    # Unwind like Ctrl-C: the command in flight is killed (proc.run), locks are released, and
+    # pytest's session teardown runs the vm_hosts finalizer. Destroying from inside the handler
+    # could deadlock on a lock the interrupted code holds.
+    print(f"\n[vm] signal {signum}: stopping; the test hosts are destroyed on the way out", file=sys.stderr)
+    raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="session")
-def vm_hosts() -> Any:
+def vm_hosts(request: pytest.FixtureRequest) -> Any:
     """VagrantHosts for the session: vm_hosts("edge-small", "edge-medium") -> {name: VMHost}."""
     global _active
     missing = missing_requirements()
@@ -173,10 +189,10 @@ def vm_hosts() -> Any:
         if in_ci():
             pytest.fail(f"CI=true and {sentence}", pytrace=False)
         pytest.skip(sentence)
-    hosts = VagrantHosts()
+    hosts = VagrantHosts(request.config.pluginmanager.getplugin("capturemanager"))
     _active = hosts
     atexit.register(_teardown_on_exit)
-    previous = {sig: signal.signal(sig, _teardown_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, _interrupt_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield hosts
     finally:

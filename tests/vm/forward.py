@@ -6,7 +6,7 @@ It inherits a listening socket bound in the machine's namespace, then moves itse
 test namespace (sockets keep the namespace they were created in), so every connection it
 opens goes to the guest.
 
-    python -m tests.vm.forward LISTEN_FD NETNS TARGET_HOST TARGET_PORT
+    python -m tests.vm.forward LISTEN_FD NETNS TARGET_HOST TARGET_PORT HOST_NAME
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def serve(listener: socket.socket, target: tuple[str, int]) -> None:
             threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
 
-def spawn(netns: str, target_host: str, target_port: int, log_path: Path) -> tuple[int, int]:
+def spawn(netns: str, target_host: str, target_port: int, log_path: Path, host_name: str) -> tuple[int, int]:
     """Starts a forwarder in the background; returns (pid, port on 127.0.0.1)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -68,7 +68,8 @@ def spawn(netns: str, target_host: str, target_port: int, log_path: Path) -> tup
     repo = Path(__file__).resolve().parents[2]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.vm.forward", str(listener.fileno()), netns, target_host, str(target_port)],
+            [sys.executable, "-m", "tests.vm.forward", str(listener.fileno()), netns, target_host, str(target_port),
+             host_name],
             cwd=repo, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             pass_fds=[listener.fileno()], start_new_session=True,
         )
@@ -76,8 +77,13 @@ def spawn(netns: str, target_host: str, target_port: int, log_path: Path) -> tup
     return proc.pid, port
 
 
+def cmdline_marker(host_name: str) -> str:
+    """What a forwarder's command line ends with (harness: stop it, look for leftovers)."""
+    return f" 22 {host_name} "
+
+
 def main(argv: list[str]) -> None:
-    listen_fd, netns, host, port = argv
+    listen_fd, netns, host, port, _host_name = argv  # the name: to find it in a process list
     listener = socket.socket(fileno=int(listen_fd))
     enter_netns(netns)
     serve(listener, (host, int(port)))

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import box, config, forward, netns
-from .proc import CommandFailed, phase, process_name, say, stop_pid, wait_until
+from .proc import CommandFailed, phase, process_cmdline, process_name, say, stop_pid, wait_until
 from .ssh import run_ssh, ssh_answers
-from .vagrant import vagrant
+from .vagrant import quiet_progress, vagrant
 
 
 LOCK_TIMEOUT = 1800  # another up/down (a parallel test run, a developer) may hold it while booting
@@ -71,6 +71,33 @@ def _guest_ip(host: str) -> str | None:
     return None
 
 
+class VagrantMarks:
+    """Times the stages inside `vagrant up` from its own messages, per host."""
+    STAGES = {"Uploading base box image": "box upload", "Starting domain.": "domain start",
+              "Machine booted and ready!": "ssh ready"}
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], float] = {}
+        self.started = time.monotonic()
+        self.progress = quiet_progress()
+
+    def watch(self, line: str) -> bool:
+        for text, stage in self.STAGES.items():
+            if text in line and "==> " in line:
+                host = line.split("==> ", 1)[1].split(":", 1)[0]
+                self.seen.setdefault((host, stage), time.monotonic())
+        return self.progress(line)
+
+    def timings(self) -> dict[str, float]:
+        out = {}
+        for (host, stage), at in self.seen.items():
+            if stage == "ssh ready" and (host, "domain start") in self.seen:
+                out[f"{host} domain start to first ssh"] = round(at - self.seen[(host, "domain start")], 1)
+            if stage == "domain start":
+                out[f"{host} vagrant prepare (upload, define)"] = round(at - self.started, 1)
+        return out
+
+
 def up(names: Iterable[str], *, wait_for_docker: bool = False) -> dict[str, dict]:
     """Boots the named hosts (those not already up, in parallel) and returns their entries."""
     names = list(dict.fromkeys(names)) or ["edge-small"]
@@ -90,8 +117,11 @@ def _up(names: list[str], wait_for_docker: bool) -> dict[str, dict]:
     hosts = {n: h for n, h in read_hosts().items() if domain_name(n) in _running_domains()}
     missing = [n for n in names if n not in hosts]
     if missing:
+        marks = VagrantMarks()
         with phase(f"boot: vagrant up {' '.join(missing)}", timings):
-            vagrant("up", "--provider", "libvirt", "--no-provision", *missing, timeout=config.VAGRANT_UP_TIMEOUT)
+            vagrant("up", "--provider", "libvirt", "--no-provision", *missing, timeout=config.VAGRANT_UP_TIMEOUT,
+                    echo=marks.watch)
+        timings.update(marks.timings())
         for name in missing:
             hosts[name] = _connect(name, local_box, timings)
             _write_hosts(hosts)
@@ -109,14 +139,14 @@ def _connect(name: str, local_box: box.LocalBox, timings: dict[str, float]) -> d
     ip = _guest_ip(name)
     if ip is None:
         raise RuntimeError(f"{name} is running but libvirt knows no address for it")
-    forwarder_pid, port = forward.spawn(config.NETNS, ip, 22, config.state_dir() / f"forward-{name}.log")
+    forwarder_pid, port = forward.spawn(config.NETNS, ip, 22, config.state_dir() / f"forward-{name}.log", name)
     entry = {
         "name": name, "size": spec.size, "cpus": spec.cpus, "memory_mib": spec.memory_mib,
         "data_disk": "/dev/vdb", "data_disk_gib": config.DATA_DISK_GIB,
         "domain": domain_name(name), "guest_ip": ip,
         "ssh_hostname": "127.0.0.1", "ssh_port": port, "ssh_user": "root", "ssh_key": local_box.ssh_key,
         "ssh_known_hosts_file": str(config.state_dir() / "known_hosts"),
-        "forwarder_pid": forwarder_pid, "forwarder_comm": process_name(forwarder_pid),
+        "forwarder_pid": forwarder_pid,
     }
     with phase(f"first ssh to {name} via 127.0.0.1:{port}", timings):
         wait_until(f"ssh on {name}", lambda: ssh_answers(entry), timeout=config.SSH_READY_TIMEOUT, interval=1)
@@ -187,7 +217,7 @@ def _stop_forwarders(hosts: dict[str, dict]) -> None:
     for entry in hosts.values():
         pid = entry.get("forwarder_pid")
         if pid:
-            stop_pid(pid, name=f"forwarder for {entry['name']}", comm=entry.get("forwarder_comm"))
+            stop_pid(pid, name=f"forwarder for {entry['name']}", cmdline_has="tests.vm.forward")
 
 
 def _stop_leftovers_in_netns() -> None:
@@ -254,6 +284,13 @@ def qemu_processes(name: str) -> list[int]:
     return pids
 
 
+def forwarder_processes(name: str) -> list[int]:
+    marker = forward.cmdline_marker(name)
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and "tests.vm.forward" in (cmd := process_cmdline(int(p.name)))
+            and cmd.endswith(marker)]
+
+
 def leftovers(names: Iterable[str]) -> list[str]:
     """What is still there of the named hosts: domains, their volumes, QEMU processes, forwarders."""
     found = []
@@ -268,6 +305,7 @@ def leftovers(names: Iterable[str]) -> list[str]:
         # also with libvirtd stopped: its files on disk
         found += [f"volume file {p}" for p in config.POOL_DIR.glob(domain_name(name) + "*")]
         found += [f"domain definition {p}" for p in Path("/etc/libvirt/qemu").glob(domain_name(name) + ".xml")]
+        found += [f"forwarder process {pid} of {name}" for pid in forwarder_processes(name)]
         entry = read_hosts().get(name)
         if entry:
             found.append(f"{name} still listed in {config.hosts_file()}")

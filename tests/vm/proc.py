@@ -66,14 +66,17 @@ def run(
     reader.start()
     started = time.monotonic()
     deadline = started + timeout
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            _kill_group(proc)
-            raise CommandFailed(f"{label} took longer than {timeout:.0f} s and was stopped: {' '.join(cmd)}")
-        if time.monotonic() - last_output[0] > HEARTBEAT_SECONDS:
-            say(f"    {label}: still running ({time.monotonic() - started:.0f} s of at most {timeout:.0f} s)")
-            last_output[0] = time.monotonic()
-        time.sleep(0.5)
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise CommandFailed(f"{label} took longer than {timeout:.0f} s and was stopped: {' '.join(cmd)}")
+            if time.monotonic() - last_output[0] > HEARTBEAT_SECONDS:
+                say(f"    {label}: still running ({time.monotonic() - started:.0f} s of at most {timeout:.0f} s)")
+                last_output[0] = time.monotonic()
+            time.sleep(0.5)
+    except BaseException:  # the timeout above, Ctrl-C, SIGTERM: nothing of ours keeps running
+        _kill_group(proc)
+        raise
     reader.join(timeout=5)
     output = "".join(lines)
     if check and proc.returncode != 0:
@@ -135,13 +138,23 @@ def process_name(pid: int) -> str | None:
         return None
 
 
-def stop_pid(pid: int, *, name: str, comm: str | None = None, timeout: float = 15) -> None:
+def process_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_pid(pid: int, *, name: str, comm: str | None = None, cmdline_has: str | None = None,
+             timeout: float = 15) -> None:
     """Stops one process we started (by its recorded PID): TERM, then KILL after timeout.
-    With comm, a recorded PID that now belongs to another program is left alone."""
+    With comm or cmdline_has, a recorded PID that now belongs to another program is left alone."""
     if not pid_alive(pid):
         return
-    if comm is not None and process_name(pid) != comm[:15]:
-        say(f"pid {pid} is no longer {name} (it is {process_name(pid)!r}); leaving it alone")
+    if (comm is not None and process_name(pid) != comm[:15]) or \
+            (cmdline_has is not None and cmdline_has not in process_cmdline(pid)):
+        say(f"pid {pid} is no longer {name} (it is {process_cmdline(pid)[:80]!r}); leaving it alone")
         return
     os.kill(pid, signal.SIGTERM)
     try:

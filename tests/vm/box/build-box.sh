@@ -69,6 +69,11 @@ Name=en* eth*
 DHCP=ipv4
 LinkLocalAddressing=no
 IPv6AcceptRA=no
+
+[DHCPv4]
+# By MAC (unique per libvirt domain), not the machine-id DUID: clones of one image asked with
+# the same identity and got the same address.
+ClientIdentifier=mac
 EOF
 ln -sf /lib/systemd/system/systemd-networkd.service "$rootfs/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
 # Nothing in the guest needs to wait for "online"; waiting costs boot time under emulation.
