@@ -115,6 +115,10 @@ def _up(names: list[str], wait_for_docker: bool) -> dict[str, dict]:
     with phase("libvirt daemons in netns " + config.NETNS, timings):
         netns.start()
     hosts = {n: h for n, h in read_hosts().items() if domain_name(n) in _running_domains()}
+    for name, entry in list(hosts.items()):
+        if name in names and not ssh_answers(entry):  # e.g. its forwarder is gone: connect anew
+            _stop_forwarders({name: entry})
+            hosts.pop(name)
     missing = [n for n in names if n not in hosts]
     if missing:
         marks = VagrantMarks()
