@@ -416,9 +416,17 @@ def vm_host():
     harness = pytest.importorskip("tests.vm.harness", reason="the VM harness (tests/vm/) is not present")
     from tests.vm.ssh import ssh_answers
 
+    from tests.vm.ssh import run_ssh
+
     hosts = harness.read_hosts()
     for entry in hosts.values():
         if ssh_answers(entry):
+            # dockerd answers some 40 s after a cold boot
+            deadline = time.monotonic() + 240
+            while run_ssh(entry, "docker info >/dev/null 2>&1", check=False, timeout=60).returncode != 0:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"docker did not answer on {entry.get('name')} within 240 s")
+                time.sleep(3)
             return entry
     pytest.skip("no test host up: run `scripts/vm up edge-small` first")
 

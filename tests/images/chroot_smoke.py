@@ -129,7 +129,11 @@ def run_in_namespace(rootfs: Path) -> dict:
         owner = subprocess.run(["stat", "-c", "%u", str(root / "var/lib/postgresql/data/pgdata")],
                                capture_output=True, text=True).stdout.strip()
         ps = subprocess.run(["ps", "-o", "uid=,comm=", "-C", "postgres"], capture_output=True, text=True).stdout
-        record("postgres_uid_999", owner == "999" and ps.split() and ps.split()[0] == "999", f"pgdata owner {owner}; {ps}")
+        conf = (root / "var/lib/postgresql/data/pgdata/postgresql.conf").read_text()
+        # as the official image: without a config_file of its own, the cluster listens on every address
+        record("postgres_initdb_listens_everywhere", "\nlisten_addresses = '*'" in conf,
+               [l for l in conf.splitlines() if "listen_addresses" in l][:1].__str__())
+        record("postgres_uid_999", owner == "999" and bool(ps.split()) and ps.split()[0] == "999", f"pgdata owner {owner}; {ps}")
 
         procs.append(start(root, logs, "edgefit-test/pgbouncer:1.18", ["pgbouncer", "/etc/pgbouncer/pgbouncer.ini"]))
         ok, out, secs = wait_healthy(root, "edgefit-test/pgbouncer:1.18", seconds=30)

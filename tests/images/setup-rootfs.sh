@@ -54,6 +54,10 @@ install -d -o 999 -g 999 -m 03775 /var/run/postgresql
 # unavailable, which is what edgefit's small hosts want anyway (jit = off).
 rm -f /usr/lib/postgresql/15/lib/llvmjit*.so /usr/lib/x86_64-linux-gnu/libLLVM-14.so*
 rm -rf /usr/lib/postgresql/15/lib/bitcode
+# As the official image: a cluster made by initdb listens on every address (its sample says so);
+# Debian's sample keeps localhost, which other containers cannot reach.
+sed -ri "s!^#?(listen_addresses)\s*=\s*\S+.*!\1 = '*'!" /usr/share/postgresql/15/postgresql.conf.sample
+grep -q "^listen_addresses = '\*'" /usr/share/postgresql/15/postgresql.conf.sample
 cp /usr/share/postgresql/15/postgresql.conf.sample /usr/share/postgresql/postgresql.conf.sample
 
 # --- pgbouncer ------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ Every role also serves:
                                     SQLALCHEMY_POOL_SIZE + SQLALCHEMY_MAX_OVERFLOW, as
                                     one Dify process's SQLAlchemy pool would be)
 ``ALLOCATE_MIB_AT_START=N`` allocates before serving (any role).
-``STANDIN_LISTEN`` / ``STANDIN_PORT`` override the address and port.
+``STANDIN_LISTEN`` / ``STANDIN_PORT`` override the address and port; ``STANDIN_CHECK_TIMEOUT``
+(default 5 s) bounds each DB/Redis probe, and the probes run in parallel.
 
 Only the standard library and Debian's python3-psycopg2, python3-redis and python3-psutil.
 ``python3 dify_standin.py check [URL]`` exits 0 when the local health endpoint says 200
@@ -120,7 +121,7 @@ def db_params(env: dict[str, str]) -> dict:
         "user": env.get("DB_USERNAME", "postgres"),
         "password": env.get("DB_PASSWORD", ""),
         "dbname": env.get("DB_DATABASE", "dify"),
-        "connect_timeout": int(env.get("STANDIN_CHECK_TIMEOUT", "3")),
+        "connect_timeout": int(env.get("STANDIN_CHECK_TIMEOUT", "5")),
         "application_name": "dify-standin",
     }
 
@@ -169,7 +170,7 @@ def check_redis(env: dict[str, str]) -> dict:
         import redis
     except ImportError as exc:
         return {"ok": False, "error": f"ImportError: {exc}"}
-    timeout = float(env.get("STANDIN_CHECK_TIMEOUT", "3"))
+    timeout = float(env.get("STANDIN_CHECK_TIMEOUT", "5"))
     client = redis.Redis(
         host=env.get("REDIS_HOST", "localhost"),
         port=int(env.get("REDIS_PORT", "6379")),
@@ -191,7 +192,7 @@ def check_broker(env: dict[str, str]) -> dict | None:
     except ImportError as exc:
         return {"ok": False, "error": f"ImportError: {exc}"}
 
-    timeout = float(env.get("STANDIN_CHECK_TIMEOUT", "3"))
+    timeout = float(env.get("STANDIN_CHECK_TIMEOUT", "5"))
     return _redis_ping(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout))
 
 
@@ -202,11 +203,19 @@ def health(role: str, env: dict[str, str]) -> tuple[int, dict]:
         checks_services = False
     if not checks_services:
         return 200, body
-    checks = {"db": check_db(env), "redis": check_redis(env)}
+    probes = {"db": check_db, "redis": check_redis}
     if role in ("api", "worker", "beat"):
-        broker = check_broker(env)
-        if broker is not None:
-            checks["broker"] = broker
+        probes["broker"] = check_broker
+    # In parallel: the slowest probe, not their sum, must fit a healthcheck's timeout.
+    results: dict = {}
+    threads = [threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, f(env)), daemon=True)
+               for n, f in probes.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=float(env.get("STANDIN_CHECK_TIMEOUT", "5")) + 2)
+    checks = {n: results.get(n, {"ok": False, "error": "no answer in time"}) for n in probes}
+    checks = {n: c for n, c in checks.items() if c is not None}  # no broker URL: no broker check
     body["checks"] = checks
     if all(c["ok"] for c in checks.values()):
         return 200, body
