@@ -111,8 +111,9 @@ class VagrantHosts:
                 raise RuntimeError("the test-host session has already been torn down")
             already = {n for n, e in harness.read_hosts().items() if ssh_answers(e)}
             self.found_running |= already.intersection(names) - self.booted_here
+            # Ours from before the boot starts: an interrupted boot is destroyed at the end too.
+            self.booted_here |= set(names) - self.found_running
             entries = harness.up(names)  # boots the missing ones in one parallel `vagrant up`
-            self.booted_here |= set(names) - already
             for name in set(names) - self._docker_ready:
                 harness.wait_docker(entries[name])
                 self._docker_ready.add(name)
