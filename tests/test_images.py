@@ -356,7 +356,10 @@ VM_SCRIPT = r"""
 set -u
 P=edgefit-imgtest
 PW=vm-test-only
-cleanup() { docker rm -f $(docker ps -aq --filter name=$P-) >/dev/null 2>&1; docker network rm $P >/dev/null 2>&1; true; }
+cleanup() {  # -v: the anonymous volumes of the images' VOLUME declarations go too
+  docker rm -f -v $(docker ps -aq --filter name=$P-) >/dev/null 2>&1
+  docker network rm $P >/dev/null 2>&1; rm -rf /tmp/$P.* /tmp/$P-py; true
+}
 trap cleanup EXIT
 cleanup
 docker network create $P >/dev/null
