@@ -6,7 +6,10 @@
    rendered postgresql.conf, pg_hba.conf, pgbouncer.ini and userlist.txt, PgBouncer in front).
    pgbench select-only (-S) and TPC-B at 50, 200, 500 clients (1000 with --full): TPS, failed
    transactions, aborted clients, Postgres's "too many clients" and PgBouncer's
-   "no more connections allowed" refusals, and the peak PSS of the server processes.
+   "no more connections allowed" refusals, Postgres backends, and the peak PSS of the server
+   processes. The rendered PgBouncer takes only the plan's max_client_conn (50 on 2C4G, sized to
+   the stack's own pools); `edgefit-wide` is the same files with that one line raised, to show
+   what pooling does with more clients than Postgres would accept.
 
 2. Redis as cache + Celery broker once memory fills. One instance with allkeys-lru against
    edgefit's two rendered instances (cache allkeys-lru, broker noeviction): broker state goes in
@@ -113,21 +116,24 @@ class Deadline:
 # =============================================================================================
 # Memory: PSS of the server processes started here
 
-def tree_pss(root_pid: int) -> int:
-    """PSS in bytes of a process and all its descendants (a postmaster and its backends).
-    Processes that exit between listing and reading are skipped."""
+def tree_pss(root_pid: int) -> tuple[int, int]:
+    """PSS in bytes of a process and all its descendants (a postmaster and its backends), and
+    how many of them are TCP client backends (Postgres titles them "postgres: user db
+    127.0.0.1(port) ..."). Processes that exit between listing and reading are skipped."""
     try:
         root = psutil.Process(root_pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    total = backends = 0
     for proc in procs:
         try:
             total += proc.memory_full_info().pss
+            if proc.pid != root_pid and "127.0.0.1(" in " ".join(proc.cmdline()):
+                backends += 1
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
-    return total
+    return total, backends
 
 
 class PssSampler:
@@ -139,12 +145,15 @@ class PssSampler:
         self.interval = interval
         self.peak = 0
         self.peak_parts: dict[str, int] = {}
+        self.peak_backends = 0  # client backends of the trees, at their own peak
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        parts = {name: tree_pss(pid) for name, pid in self.roots.items()}
+        measured = {name: tree_pss(pid) for name, pid in self.roots.items()}
+        parts = {name: pss for name, (pss, _) in measured.items()}
+        self.peak_backends = max(self.peak_backends, sum(backends for _, backends in measured.values()))
         self.samples += 1
         if sum(parts.values()) > self.peak:
             self.peak = sum(parts.values())
@@ -191,6 +200,7 @@ class PgRun:
     seconds: float
     peak_pss_mib: float
     peak_pss_parts_mib: dict[str, float]
+    peak_backends: int  # Postgres client backends seen at once (sampled)
     first_error: str | None = None
     stderr_tail: list[str] | None = None  # pgbench's last messages, for reading the failures
     stdout_tail: list[str] | None = None
@@ -294,6 +304,7 @@ class PgBench:
             pooler_refusals=parsed["refusals"], other_errors=parsed["other"], timed_out=timed_out,
             seconds=round(time.monotonic() - started, 1), peak_pss_mib=mib(sampler.peak),
             peak_pss_parts_mib={name: mib(value) for name, value in sampler.peak_parts.items()},
+            peak_backends=sampler.peak_backends,
             first_error=parsed["first_error"] or (f"timed out after {timeout:.0f} s" if timed_out else None),
             stderr_tail=[line[:200] for line in stderr.splitlines()[-8:]],
             stdout_tail=[line[:200] for line in stdout.splitlines()[-4:]],
@@ -680,9 +691,10 @@ def report(result: dict) -> str:
         for run in sorted(pg["runs"], key=lambda r: (list(MODES).index(r["mode"]), r["clients"], order[r["config"]])):
             rows.append([run["mode"], run["clients"], run["config"], run["tps"], run["connect_s"],
                          run["transactions"], run["failed_transactions"], run["aborted_clients"],
-                         run["too_many_clients"], run["pooler_refusals"], run["peak_pss_mib"], verdict(run)])
+                         run["too_many_clients"], run["pooler_refusals"], run["peak_backends"],
+                         run["peak_pss_mib"], verdict(run)])
         out.append(table(["mode", "clients", "config", "tps", "connect s", "xacts", "failed", "aborted",
-                          "too many clients", "max_client_conn", "peak PSS MiB", "result"], rows))
+                          "too many clients", "max_client_conn", "backends", "peak PSS MiB", "result"], rows))
         for key, value in (pg.get("ratios") or {}).items():
             out.append(f"  {key}: {value}")
         for line in pg.get("skipped", []):
