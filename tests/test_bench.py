@@ -91,6 +91,16 @@ def test_edgefit_as_rendered_refuses_only_above_its_max_client_conn(bench, mode)
         assert run["ok"], run
 
 
+def test_pgbouncer_keeps_postgres_within_its_server_pool(bench):
+    plan = make_plan(HostSize(*PRESETS[bench["meta"]["preset"]]), Options())
+    runs = runs_by_cell(bench)
+    for mode in ("select-only", "tpc-b"):
+        assert runs[("upstream", mode, 50)]["peak_backends"] > plan.pgbouncer.max_db_connections
+        for config, clients in (("edgefit", 50), ("edgefit-wide", 200)):
+            run = runs.get((config, mode, clients)) or runs[("edgefit", mode, clients)]
+            assert 0 < run["peak_backends"] <= plan.pgbouncer.max_db_connections, run
+
+
 def test_edgefit_postgres_uses_less_memory_than_upstream(bench):
     runs = runs_by_cell(bench)
     for mode in ("select-only", "tpc-b"):
