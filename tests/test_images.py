@@ -6,7 +6,8 @@
 * The real tarball (root + debootstrap; built once, then cached) is checked for structure,
   size and every image's config; its rootfs is run in a private namespace by
   tests/images/chroot_smoke.py (postgres initdb, pgbouncer, redis, nginx, squid, stand-ins).
-* With a test VM: `docker load` over SSH and each image's health command (pytest -m vm).
+* With a test VM (tests/vm/fixtures.py's edge_small, pytest -m vm): `docker load` over SSH,
+  each image started and its health command run, and a container past --memory OOM-killed.
 """
 
 from __future__ import annotations
@@ -413,38 +414,16 @@ echo "{$results \"oom_killed\": $oom, \"distinct_layer_lists\": $layers}"
 """
 
 
-@pytest.fixture(scope="module")
-def vm_host():
-    """A running test host from the Vagrant harness (`scripts/vm up edge-small`)."""
-    harness = pytest.importorskip("tests.vm.harness", reason="the VM harness (tests/vm/) is not present")
-    from tests.vm.ssh import ssh_answers
-
-    from tests.vm.ssh import run_ssh
-
-    hosts = harness.read_hosts()
-    for entry in hosts.values():
-        if ssh_answers(entry):
-            # dockerd answers some 40 s after a cold boot
-            deadline = time.monotonic() + 240
-            while run_ssh(entry, "docker info >/dev/null 2>&1", check=False, timeout=60).returncode != 0:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"docker did not answer on {entry.get('name')} within 240 s")
-                time.sleep(3)
-            return entry
-    pytest.skip("no test host up: run `scripts/vm up edge-small` first")
-
-
 @pytest.mark.vm
-def test_docker_load_over_ssh_then_every_image_is_healthy(vm_host, built_tarball):
-    from tests.vm.ssh import run_ssh
-
+def test_docker_load_over_ssh_then_every_image_is_healthy(edge_small, built_tarball):
+    # edge_small: tests/vm/fixtures.py boots the host (or uses one `scripts/vm up` left running)
     with open(built_tarball, "rb") as f:  # one stream: gzip'd archive straight into docker load
-        loaded = run_ssh(vm_host, "docker load", stdin=f, timeout=900)
+        loaded = edge_small.run("docker load", stdin=f, timeout=900)
     out = loaded.stdout.decode()
     for tag in EXPECTED_TAGS:
         assert f"Loaded image: {tag}" in out, out
     # bounded on the host too: a remote script outlives a killed ssh client
-    result = run_ssh(vm_host, "timeout 840 bash -s", input=VM_SCRIPT, timeout=900)
+    result = edge_small.run("timeout 840 bash -s", input=VM_SCRIPT, timeout=900)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report.pop("distinct_layer_lists") == 1, "all tags share the one layer on the host"
     assert report.pop("oom_killed") is True, "allocating past --memory got the container OOM-killed"
