@@ -9,6 +9,7 @@ with it), and an overlay mount over ROOTFS so the cached rootfs is never written
 WorkingDir, Entrypoint and Cmd from build.IMAGES, with extra env like the compose file's.
 Then each image's health command from build.IMAGES runs inside the rootfs. Every wait is bounded.
 
+The work directory (overlay upper dir, logs) is removed afterwards unless EDGEFIT_SMOKE_KEEP=1.
 What this cannot show (needs the VM): cgroup memory limits, Docker's own `docker load`.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,8 +70,7 @@ def wait_healthy(root: Path, tag: str, env: dict | None = None, seconds: float =
     return False, out, time.monotonic() - t0
 
 
-def run_in_namespace(rootfs: Path) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="edgefit-smoke-"))
+def run_in_namespace(rootfs: Path, work: Path) -> dict:
     upper, wdir, root, logs = work / "upper", work / "work", work / "root", work / "logs"
     for d in (upper, wdir, root, logs):
         d.mkdir()
@@ -202,11 +203,19 @@ def main(argv: list[str]) -> int:
         return 2
     rootfs = Path(argv[1]).resolve()
     if os.environ.get("EDGEFIT_SMOKE_INSIDE") != "1":
+        work = Path(tempfile.mkdtemp(prefix="edgefit-smoke-"))
         # --kill-child: if this parent dies the namespace's init dies too, and with it everything.
         cmd = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc",
                sys.executable, str(Path(__file__).resolve()), str(rootfs)]
-        return subprocess.run(cmd, env={**os.environ, "EDGEFIT_SMOKE_INSIDE": "1"}, timeout=600).returncode
-    report = run_in_namespace(rootfs)
+        try:
+            return subprocess.run(cmd, env={**os.environ, "EDGEFIT_SMOKE_INSIDE": "1",
+                                            "EDGEFIT_SMOKE_WORK": str(work)}, timeout=600).returncode
+        finally:
+            # The overlay, /dev and /proc mounts lived in the namespace only; out here root/ is
+            # an empty directory. Refuse to delete if /dev shows through anyway.
+            if os.environ.get("EDGEFIT_SMOKE_KEEP") != "1" and not (work / "root" / "dev" / "null").exists():
+                shutil.rmtree(work, ignore_errors=True)
+    report = run_in_namespace(rootfs, Path(os.environ["EDGEFIT_SMOKE_WORK"]))
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 
