@@ -21,18 +21,28 @@ from roles.common import any_changed, upload
 IMAGE_DIR = "/var/lib/edgefit/images"
 COMPOSE = f"cd {STACK_DIR} && docker compose"
 POLL_SECONDS = 5
+STABLE_POLLS = 3  # the stack must look the same for this many polls in a row
 
 
 def wait_healthy_command(timeout_s: int) -> str:
-    """A bounded wait for every container to run and pass its healthcheck; on timeout it names
-    the services that did not and shows their last log lines."""
+    """A bounded wait for every container to run and pass its healthcheck, the same for
+    STABLE_POLLS polls in a row with no restart in between (a crash-looping service without a
+    healthcheck looks "running" between two restarts). On timeout it names the services that
+    are not and shows their last log lines."""
+    state = (f"{COMPOSE} ps -a --format '{{{{.Service}}}} {{{{.State}}}} {{{{.Health}}}}' | sort; "
+             "docker inspect -f '{{.Name}} restarts={{.RestartCount}}' "
+             f"$(docker ps -aq --filter label=com.docker.compose.project={COMPOSE_PROJECT}) | sort")
     return f"""
-deadline=$(( $(date +%s) + {timeout_s} ))
+deadline=$(( $(date +%s) + {timeout_s} )); good=0; previous=""
 while :; do
-  bad=$({COMPOSE} ps -a --format '{{{{.Service}}}} {{{{.State}}}} {{{{.Health}}}}' | awk '$2!="running" || ($3!="" && $3!="healthy")')
-  [ -z "$bad" ] && {{ echo "all services running and healthy"; exit 0; }}
+  now=$({state})
+  bad=$(echo "$now" | awk 'NF>=2 && $2!~/^restarts=/ && ($2!="running" || ($3!="" && $3!="healthy"))')
+  if [ -z "$bad" ] && [ "$now" = "$previous" ]; then good=$((good + 1)); else good=0; fi
+  [ "$good" -ge {STABLE_POLLS} ] && {{ echo "all services running and healthy"; exit 0; }}
+  previous="$now"
   if [ "$(date +%s)" -ge "$deadline" ]; then
-    echo "not healthy after {timeout_s}s (edgefit_health_timeout):"; echo "$bad"
+    echo "not healthy and stable after {timeout_s}s (edgefit_health_timeout):"; echo "$bad"
+    echo "$now" | grep restarts=
     for service in $(echo "$bad" | awk '{{print $1}}'); do echo "--- last log lines of $service"; {COMPOSE} logs --no-color --tail 20 "$service"; done
     echo "fix the service above, then re-run the deploy (nothing else was changed after the stack started)"
     exit 1
