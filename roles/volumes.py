@@ -5,6 +5,7 @@ Formatting happens only when the disk holds no filesystem AND edgefit_data_disk_
 """
 
 import shlex
+from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -14,6 +15,8 @@ from edgefit.facts import BlockDevice
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
 from edgefit.settings import DeploySettings
+
+DOCKER_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf"
 
 # data directory (under the data root) -> the service whose image owns it
 DATA_DIRECTORIES = {
@@ -59,6 +62,15 @@ def prepare_volumes(plan: Plan, settings: DeploySettings) -> None:
                 name=f"Mount {settings.data_disk} at {root} by UUID",
                 commands=[mount_command(settings.data_disk, root, device.get("fstype") is None)],
             )
+        # Docker must not start its containers before the data disk is mounted: Postgres
+        # would find an empty directory on the root filesystem and initialise a new, empty
+        # cluster there. With this, a missing disk stops Docker instead.
+        drop_in = files.put(
+            name="Docker waits for the data disk",
+            src=StringIO(f"# Rendered by edgefit\n[Unit]\nRequiresMountsFor={root}\n"),
+            dest=DOCKER_DROP_IN,
+        )
+        server.shell(name="Reload systemd units", commands=["systemctl daemon-reload"], _if=drop_in.did_change)
     files.directory(name=f"Data root {root}", path=root, mode="755")
     for relative, service in DATA_DIRECTORIES.items():
         if service not in plan.services:

@@ -8,6 +8,7 @@ live containers, idempotency, a one-value change, refused inputs, then data surv
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -147,9 +148,15 @@ def test_data_survives_compose_down_redeploy_and_reboot(deployed_stack: Deployed
     print(f"[deploy] edge-small rebooted in {reboot_and_wait(host):.0f}s")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:  # restart: always brings the stack back with Docker
-        if host.run("docker exec edgefit-dify-db-1 pg_isready -q -h 127.0.0.1", check=False, timeout=60).returncode == 0:
-            break
+        try:  # docker exec may hang while dockerd is still starting every container
+            if host.run("docker exec edgefit-dify-db-1 pg_isready -q -h 127.0.0.1", check=False,
+                        timeout=60).returncode == 0:
+                break
+        except subprocess.TimeoutExpired:
+            pass
         time.sleep(10)
+    unit = host.run("systemctl show -p RequiresMountsFor docker.service").stdout
+    assert "/srv/dify" in unit, f"Docker does not wait for the data disk: {unit}"
     mount = host.run(f"findmnt -n -o SOURCE --target {plan_for(host).data_root}").stdout.strip()
     assert mount == host["data_disk"], f"after reboot the data root is on {mount}, not the data disk"
     assert marker_present(), "data lost after a reboot"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,22 +43,42 @@ class DeployRun:
 
 
 def run_deploy(inventory: Path, *extra: str, timeout: float = DEPLOY_TIMEOUT_S) -> DeployRun:
+    """pyinfra -y --json; each operation it starts is shown as it starts (long waits stay visible)."""
     started = time.monotonic()
+    process = subprocess.Popen(
+        [str(PYINFRA), "-y", "--json", str(inventory), "deploy.py", *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    log: list[str] = []
+
+    def follow() -> None:
+        for line in process.stderr:
+            log.append(line)
+            if "Starting operation" in line or "error" in line.lower():
+                print(f"[deploy] {time.strftime('%H:%M:%S')} {line.strip()}", file=sys.stderr, flush=True)
+
+    out: list[str] = []
+    readers = [threading.Thread(target=follow, daemon=True),
+               threading.Thread(target=lambda: out.append(process.stdout.read()), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        process = subprocess.run(
-            [str(PYINFRA), "-y", "--json", str(inventory), "deploy.py", *extra],
-            cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"deploy did not finish within {timeout:.0f}s; last output:\n{(expired.stderr or '')[-3000:]}")
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+        pytest.fail(f"deploy did not finish within {timeout:.0f}s; last output:\n{''.join(log)[-3000:]}")
+    for reader in readers:
+        reader.join(timeout=30)
+    stdout = "".join(out)
     results = None
-    start = process.stdout.find("{")
+    start = stdout.find("{")
     if start >= 0:
         try:
-            results = json.loads(process.stdout[start:])
+            results = json.loads(stdout[start:])
         except json.JSONDecodeError:
             results = None
-    return DeployRun(process.returncode, process.stderr + process.stdout, results, time.monotonic() - started)
+    return DeployRun(process.returncode, "".join(log) + stdout, results, time.monotonic() - started)
 
 
 def fact_on(host, fact_class, **kwargs):
