@@ -86,6 +86,9 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
         StackFile("conf/nginx/nginx.conf", render("nginx.conf.j2"), 0o644, services=("nginx",)),
         StackFile("conf/python/sitecustomize.py", render("sitecustomize.py.j2"), 0o644,
                   services=tuple(context["dify_python_services"])),
+        # cgroupfs, not systemd: with the systemd driver runc writes memory.swap.max = 0
+        # itself and the next `systemctl daemon-reload` resets it to "max" (measured on the
+        # test VMs), so every container could swap past its limit. JSON has no comments.
         StackFile("host/etc/docker/daemon.json", render("daemon.json.j2")),
         StackFile("host/etc/sysctl.d/90-edgefit.conf", render("sysctl.conf.j2")),
         StackFile("host/etc/systemd/journald.conf.d/90-edgefit.conf", render("journald.conf.j2")),

@@ -47,6 +47,9 @@ REDIS_INFO_KEYS = ("used_memory", "used_memory_rss", "maxmemory", "maxmemory_pol
 # ---------------------------------------------------------------------------------------------
 # Small readers that never raise
 
+END_CALLS_LEAD_S = 5.0  # seconds before the window ends that its end-of-window docker calls start
+
+
 def run(argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str, str]:
     """(exit code or None when it could not run / timed out, stdout, stderr)."""
     try:
@@ -228,8 +231,8 @@ class Sampler:
             pass
 
     # -- docker
-    def docker_run(self, *argv: str) -> tuple[int | None, str, str]:
-        return run(self.docker + list(argv), self.args.exec_timeout)
+    def docker_run(self, *argv: str, extra_s: float = 0.0) -> tuple[int | None, str, str]:
+        return run(self.docker + list(argv), self.args.exec_timeout + extra_s)
 
     def list_containers(self) -> list[dict] | None:
         code, out, err = self.docker_run("ps", "-aq", "--no-trunc", "--filter",
@@ -255,7 +258,8 @@ class Sampler:
         code, out, err = self.docker_run(
             "events", "--since", str(int(since)), "--until", str(int(until) + 1),  # whole seconds: docker's format
             "--filter", "type=container", "--filter", f"label=com.docker.compose.project={self.args.project}",
-            "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}")
+            "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}",
+            extra_s=max(0.0, until + 1 - time.time()))  # it streams until --until, then returns
         if code != 0:
             self.errors.append(f"docker events: {(err.strip().splitlines() or ['failed'])[-1]}")
             return []
@@ -454,22 +458,34 @@ class Sampler:
         self.take_sample(0.0)
         threads = self.start_checks()
         samples = max(1, int(round(args.window / args.interval)))
+        # docker calls are slow on a loaded host (seconds each under emulation), so the calls
+        # about the window's end start shortly before it: `docker events --until` streams
+        # until that moment and then returns, and Redis's counters are read just before it.
+        wall_end = wall_start + args.window
+        lead = min(END_CALLS_LEAD_S, args.window / 4)
+        end_threads: list[threading.Thread] = []
+
+        def start_end_calls() -> None:
+            for record in self.containers.values():
+                if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES:
+                    end_threads.append(self._thread(("redis_end", record["start"]["service"]),
+                                                    lambda r=record: self.redis_check(r, False)))
+            end_threads.append(self._thread(("events", None),
+                                            lambda: self.events(wall_end - args.events_since, wall_end)))
+
         for index in range(1, samples + 1):
             target = began + index * args.window / samples
+            if not end_threads and target - lead <= time.monotonic() + args.window / samples:
+                time.sleep(max(0.0, target - lead - time.monotonic()))
+                start_end_calls()
             time.sleep(max(0.0, target - time.monotonic()))
             self.take_sample(time.monotonic() - began)
+        if not end_threads:
+            start_end_calls()
 
-        # End of the window: what changed while we watched. All docker calls at once, so the
-        # run ends at most one --exec-timeout after the window.
-        end_threads = []
-        for record in self.containers.values():
-            if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES:
-                end_threads.append(self._thread(("redis_end", record["start"]["service"]),
-                                                lambda r=record: self.redis_check(r, False)))
-        wall_end = time.time()
+        # End of the window: restart counts and states as they are now. All docker calls run at
+        # once, so the run ends at most one --exec-timeout after the window.
         end_threads.append(self._thread(("inspect_end", None), lambda: self.inspect(list(self.containers))))
-        end_threads.append(self._thread(("events", None),
-                                        lambda: self.events(wall_end - args.events_since, wall_end)))
         for record in self.containers.values():
             record["cgroup_end"] = self.cgroup_snapshot(record)
         self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))

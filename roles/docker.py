@@ -14,7 +14,8 @@ DOCKER_APT_KEY = "/etc/apt/keyrings/docker.asc"
 
 
 @deploy("Docker engine and Compose v2")
-def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dict) -> None:
+def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dict):
+    """Returns the daemon.json upload: when it changed, the stack's containers are recreated."""
     if not host.get_fact(DockerInstalled):
         if settings.docker_source == "docker":
             mirror = settings.docker_apt_mirror or f"https://download.docker.com/linux/{facts['os_id']}"
@@ -47,3 +48,4 @@ def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dic
     server.service(name="Restart Docker for daemon.json", service="docker", running=True,
                    restarted=True, _if=daemon_json.did_change)
     server.service(name="Docker running and enabled", service="docker", running=True, enabled=True)
+    return daemon_json

@@ -53,7 +53,7 @@ done
 
 
 @deploy("Dify stack")
-def deploy_stack(plan: Plan, settings: DeploySettings, rendered: list[StackFile]) -> None:
+def deploy_stack(plan: Plan, settings: DeploySettings, rendered: list[StackFile], daemon_json) -> None:
     stack_files = [f for f in rendered if not f.is_host_file]
     uploads = {f.path: upload(f) for f in stack_files}
 
@@ -83,7 +83,15 @@ def deploy_stack(plan: Plan, settings: DeploySettings, rendered: list[StackFile]
     up = server.shell(
         name="docker compose up -d" + (f" (not running: {', '.join(sorted(not_running))})" if not_running else ""),
         commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull"],
-        _if=lambda: bool(not_running or orphans) or any(op.did_change() for op in definition),
+        _if=lambda: not daemon_json.did_change() and (
+            bool(not_running or orphans) or any(op.did_change() for op in definition)),
+    )
+    # A new daemon.json (cgroup driver, log options) reaches only containers created after it:
+    # live-restore keeps the old ones running as they were.
+    recreate = server.shell(
+        name="Recreate every container for the new daemon.json",
+        commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull --force-recreate"],
+        _if=daemon_json.did_change,
     )
 
     restarts = []
@@ -98,5 +106,5 @@ def deploy_stack(plan: Plan, settings: DeploySettings, rendered: list[StackFile]
     server.shell(
         name="Wait until every service is healthy",
         commands=[wait_healthy_command(settings.health_timeout_s)],
-        _if=any_changed(up, *restarts),
+        _if=any_changed(up, recreate, *restarts),
     )

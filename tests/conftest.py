@@ -11,7 +11,7 @@ _REPO = str(Path(__file__).resolve().parents[1])
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-pytest_plugins = ["tests.vm.fixtures"]
+pytest_plugins = ["tests.vm.fixtures", "tests.vm_deploy"]  # vm_deploy: deployed_stack, one deploy per session
 
 
 def pytest_collection_modifyitems(items):

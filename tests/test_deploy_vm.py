@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.vm_deploy import (DeployedStack, containers, deployed_stack, in_stack, plan_for,  # noqa: F401
+from tests.vm_deploy import (DeployedStack, containers, in_stack, plan_for,
                              reboot_and_wait, run_deploy, started_at)
 
 pytestmark = pytest.mark.vm

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edgefit.facts import COMPOSE_PROJECT
-from tests.vm_deploy import DeployedStack, deployed_stack, plan_for, run_deploy  # noqa: F401
+from tests.vm_deploy import DeployedStack, plan_for, run_deploy
 
 pytestmark = pytest.mark.vm
 
