@@ -259,7 +259,7 @@ class Sampler:
             "events", "--since", str(int(since)), "--until", str(int(until) + 1),  # whole seconds: docker's format
             "--filter", "type=container", "--filter", f"label=com.docker.compose.project={self.args.project}",
             "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}",
-            extra_s=max(0.0, until + 1 - time.time()))  # it streams until --until, then returns
+            extra_s=max(0.0, until - time.time()))  # it streams until --until: the window end
         if code != 0:
             self.errors.append(f"docker events: {(err.strip().splitlines() or ['failed'])[-1]}")
             return []
