@@ -336,11 +336,11 @@ class Sampler:
         }
 
     # -- checks through docker exec
-    def redis_check(self, record: dict, with_config: bool) -> dict:
+    def redis_check(self, record: dict, with_config: bool, extra_s: float = 0.0) -> dict:
         script = ("redis-cli --no-auth-warning -h 127.0.0.1 CONFIG GET 'maxmemory*'; echo '@@INFO@@'; "
                   "redis-cli --no-auth-warning -h 127.0.0.1 INFO") if with_config else \
                  "echo '@@INFO@@'; redis-cli --no-auth-warning -h 127.0.0.1 INFO"
-        code, out, err = self.docker_run("exec", record["id"], "sh", "-c", script)
+        code, out, err = self.docker_run("exec", record["id"], "sh", "-c", script, extra_s=extra_s)
         if code != 0 or "@@INFO@@" not in out:
             return {"error": (err.strip().splitlines() or out.strip().splitlines() or [f"exit {code}"])[-1][:200]}
         config_part, _, info_part = out.partition("@@INFO@@")
@@ -358,11 +358,11 @@ class Sampler:
             result["error"] = (out.strip().splitlines() or ["no answer"])[-1][:200]
         return result
 
-    def postgres_check(self, record: dict) -> dict:
+    def postgres_check(self, record: dict, extra_s: float = 0.0) -> dict:
         names = ",".join(f"'{name}'" for name in POSTGRES_SETTINGS)
         code, out, err = self.docker_run(
             "exec", record["id"], "psql", "-U", "postgres", "-d", "postgres", "-XAtq", "-F", "|", "-c",
-            f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})")
+            f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})", extra_s=extra_s)
         if code != 0:
             return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
         settings = {}
@@ -372,25 +372,28 @@ class Sampler:
                 settings[parts[0]] = {"setting": parts[1], "unit": parts[2]}
         return {"settings": settings}
 
-    def gc_check(self, record: dict) -> dict:
+    def gc_check(self, record: dict, extra_s: float = 0.0) -> dict:
         code, out, err = self.docker_run("exec", record["id"], "python3", "-c",
-                                         "import gc; print(gc.get_threshold())")
+                                         "import gc; print(gc.get_threshold())", extra_s=extra_s)
         if code != 0:
             return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
         return {"threshold": out.strip()}
 
     def start_checks(self) -> list[threading.Thread]:
+        # Started with the window and joined only after it: each may use the whole window plus
+        # one exec timeout (docker exec takes seconds on a loaded host).
+        extra = self.args.window
         jobs = []
         for record in self.containers.values():
             if not record["start"]["running"]:
                 continue
             service = record["start"]["service"]
             if service in REDIS_SERVICES:
-                jobs.append((("redis", service), lambda r=record: self.redis_check(r, True)))
+                jobs.append((("redis", service), lambda r=record: self.redis_check(r, True, extra)))
             elif service == POSTGRES_SERVICE:
-                jobs.append((("postgres", None), lambda r=record: self.postgres_check(r)))
+                jobs.append((("postgres", None), lambda r=record: self.postgres_check(r, extra)))
             elif service in GC_SERVICES:
-                jobs.append((("gc", service), lambda r=record: self.gc_check(r)))
+                jobs.append((("gc", service), lambda r=record: self.gc_check(r, extra)))
         return [self._thread(key, job) for key, job in jobs]
 
     def _thread(self, key, job) -> threading.Thread:
@@ -469,7 +472,7 @@ class Sampler:
             for record in self.containers.values():
                 if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES:
                     end_threads.append(self._thread(("redis_end", record["start"]["service"]),
-                                                    lambda r=record: self.redis_check(r, False)))
+                                                    lambda r=record: self.redis_check(r, False, lead)))
             end_threads.append(self._thread(("events", None),
                                             lambda: self.events(wall_end - args.events_since, wall_end)))
 
