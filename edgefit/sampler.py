@@ -412,6 +412,10 @@ class Sampler:
             elif kind == "redis_end":
                 self.checks["redis"].setdefault(name, {})["info_end"] = value.get("info")
             else:
+                earlier = self.checks[kind].get(name)
+                if isinstance(earlier, dict) and isinstance(value, dict):
+                    # the end-of-window call may answer first (its info_end is kept)
+                    value = {**value, **earlier}
                 self.checks[kind][name] = value
         thread = threading.Thread(target=target, daemon=True)
         thread.start()
