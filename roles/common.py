@@ -38,3 +38,8 @@ def upload(stack_file: StackFile):
 def any_changed(*operations):
     """A condition for _if=: true at execution time when any of the operations changed."""
     return lambda: any(operation.did_change() for operation in operations)
+
+
+def host_file(files: list[StackFile], suffix: str) -> StackFile:
+    """The rendered file whose path ends with suffix (e.g. "docker/daemon.json")."""
+    return next(stack_file for stack_file in files if stack_file.path.endswith(suffix))

@@ -5,14 +5,10 @@ from pyinfra.operations import server, systemd
 
 from edgefit.plan import Plan
 from edgefit.render import StackFile
-from roles.common import any_changed, upload
+from roles.common import any_changed, host_file, upload
 
 SWAP_FILE = "/swapfile.edgefit"
 MIN_SWAP_MIB = 256
-
-
-def host_file(files: list[StackFile], suffix: str) -> StackFile:
-    return next(stack_file for stack_file in files if stack_file.path.endswith(suffix))
 
 
 @deploy("Tune the host")
