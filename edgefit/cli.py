@@ -15,6 +15,7 @@ from edgefit import plan as planning
 from edgefit.images import ImageError
 from edgefit.render import render_stack, write_stack
 from edgefit.secrets import SecretsError, load_or_create
+from edgefit.settings import SETTINGS, SettingsError, check_values, options_from
 from edgefit.units import SizeError, parse_gib, parse_mib
 
 EXIT_BAD_INPUT = 2
@@ -38,14 +39,34 @@ def _size_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--disk", help="data disk size, e.g. 40G (optional; WAL and minimums follow it)")
     group.add_argument("--preset", choices=sorted(planning.PRESETS),
                        help="a named size instead of --cpus/--memory")
-    choice = parser.add_argument_group("stack choices")
-    choice.add_argument("--vector", default="pgvector", choices=planning.VECTOR_STORES,
-                        help="vector store (default pgvector: inside the one Postgres, no extra service)")
-    choice.add_argument("--without", default="", metavar="SERVICE[,SERVICE]",
-                        help=f"leave services out: {','.join(planning.OPTIONAL_SERVICES)}")
-    choice.add_argument("--data-root", default="/srv/dify", help="where bind-mounted data lives (default /srv/dify)")
-    choice.add_argument("--image", action="append", default=[], metavar="SERVICE=REF",
-                        help="override one service's image (private registry, mirror); repeatable")
+    choice = parser.add_argument_group("stack choices (the edgefit_* settings of the same names)")
+    for setting in SETTINGS:
+        if not setting.cli:
+            continue
+        repeatable = setting.name == "edgefit_images"
+        choice.add_argument(setting.cli, dest=setting.name, default=[] if repeatable else None,
+                            action="append" if repeatable else "store",
+                            metavar=setting.metavar,
+                            help=f"{setting.doc} ({setting.name}; default {_default_text(setting.default)})"
+                                 + ("; repeatable" if repeatable else ""))
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (frozenset, set, list, tuple, dict)) and not value:
+        return "none"
+    return str(value)
+
+
+def _cli_images(items: list[str]) -> dict[str, str]:
+    images = {}
+    for item in items:
+        service, sep, ref = item.partition("=")
+        if not sep or not service.strip() or not ref.strip():
+            raise UsageError(f"--image {item!r}: expected SERVICE=REF, e.g. db=registry.local/pgvector:0.8.0-pg15")
+        images[service.strip()] = ref.strip()
+    return images
 
 
 def _int_cpus(value: int | None) -> int:
@@ -67,19 +88,21 @@ def plan_from_args(args: argparse.Namespace) -> planning.Plan:
             raise UsageError("give --memory SIZE (e.g. 4G) with --cpus")
         memory = parse_mib(args.memory)
     disk = parse_gib(args.disk) if args.disk else None
-    images = {}
-    for item in args.image:
-        service, sep, ref = item.partition("=")
-        if not sep or not service or not ref:
-            raise UsageError(f"--image {item!r}: expected SERVICE=REF, e.g. db=registry.local/pgvector:0.8.0-pg15")
-        images[service.strip()] = ref.strip()
-    options = planning.Options(
-        vector_store=args.vector,
-        without=frozenset(name.strip() for name in args.without.split(",") if name.strip()),
-        data_root=args.data_root,
-        images=images,
-    )
-    return planning.make_plan(planning.HostSize(cpus, memory, disk), options)
+    given = {setting.name: getattr(args, setting.name) for setting in SETTINGS if setting.cli}
+    given["edgefit_images"] = _cli_images(given["edgefit_images"]) or None
+    try:
+        values = check_values(given)
+    except SettingsError as error:
+        flags = {setting.name: setting.cli for setting in SETTINGS if setting.cli}
+        raise UsageError(_with_flags(str(error), flags)) from None
+    return planning.make_plan(planning.HostSize(cpus, memory, disk), options_from(values))
+
+
+def _with_flags(message: str, flags: dict[str, str]) -> str:
+    """Name the options the user typed, not the inventory settings behind them."""
+    for name, flag in flags.items():
+        message = message.replace(name, flag)
+    return message
 
 
 def format_plan(plan: planning.Plan) -> str:
@@ -167,7 +190,7 @@ def command_verify(args: argparse.Namespace) -> int:
     interval = args.interval if args.interval is not None else min(5.0, max(1.0, args.window / 6))
     if not 0.5 <= interval <= args.window:
         raise UsageError(f"--interval must be between 0.5 s and the window ({args.window:g} s), got {interval:g}")
-    from edgefit.verify_cli import VerifyOptions, VerifyUsageError, run_verify  # gevent: only when verifying
+    from edgefit.remote import VerifyOptions, VerifyUsageError, run_verify  # gevent: only when verifying
 
     options = VerifyOptions(window=args.window, interval=interval, events_since=args.since, strict=args.strict)
     try:

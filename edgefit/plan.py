@@ -36,7 +36,8 @@ class HostSize:
 
     cpus: int
     memory_mib: int
-    disk_gib: int | None = None  # None: unknown, disk-derived settings fall back to PGTune's
+    disk_gib: int | None = None  # the data's disk; None: unknown, disk-derived settings fall back to PGTune's
+    root_disk_gib: int | None = None  # the root filesystem (the swap file lives there); None: unknown
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Options:
     images: dict[str, str] = field(default_factory=dict)
     dify_version: str | None = None
     domain: str | None = None  # nginx answers for this name (None: any)
+    data_disk: str | None = None  # device mounted at data_root; Docker waits for its mount
+    verify_timer_every: str | None = None  # systemd span of the on-host verify timer; None: no timer
 
 
 class PlanError(ValueError):
@@ -108,10 +111,31 @@ RESERVE_FRACTION = 0.06
 MIN_DISK_GIB = 8
 
 MIN_MAX_CLIENT_CONN = 1000  # PgBouncer clients; 0 errors at 1000 in the notes' measurement
+SUPERUSER_RESERVED_CONNECTIONS = 3  # Postgres's default: room for an admin when all else is taken
+
+# Swap for the host's own daemons (containers cannot use it: memswap_limit == mem_limit): on
+# hosts up to 8 GiB, half the memory up to 2 GiB, never more than an eighth of the root disk,
+# and none when that comes to less than MIN_SWAP_MIB (too little to matter).
+SWAP_MAX_MIB = 2048
+SWAP_HOST_MAX_MEMORY_MIB = 8192
+MIN_SWAP_MIB = 256
+# Go's soft memory limit for Weaviate: GC works harder from 80 % of the container's limit on,
+# leaving the rest for memory outside the Go heap (mmapped segments, cgo).
+GOMEMLIMIT_SHARE = 0.8
 
 
 def reserve_mib(memory_mib: int) -> int:
     return RESERVE_FIXED_MIB + int(RESERVE_FRACTION * memory_mib)
+
+
+def swap_mib(size: HostSize) -> int:
+    """Swap lets the host's own daemons (sshd, dockerd, journald) survive a spike on small hosts."""
+    if size.memory_mib > SWAP_HOST_MAX_MEMORY_MIB:
+        return 0
+    swap = min(SWAP_MAX_MIB, size.memory_mib // 2)
+    if size.root_disk_gib is not None:
+        swap = min(swap, size.root_disk_gib * 1024 // 8)
+    return swap if swap >= MIN_SWAP_MIB else 0
 
 
 def minimum_memory_mib(services: list[str]) -> int:
@@ -251,6 +275,9 @@ class Plan:
     vector_store: str
     data_root: str
     domain: str | None
+    data_disk: str | None
+    verify_timer_every: str | None
+    weaviate_gomemlimit_mib: int | None
     services: dict[str, ServicePlan]
     postgres: PostgresPlan
     pgbouncer: PgBouncerPlan
@@ -259,10 +286,33 @@ class Plan:
     dify: DifyPlan
     log_max_size_mib: int
     log_max_files: int
+    reported_host: HostSize | None = None  # what the host reported, when the plan is for its live facts
 
     @property
     def total_mem_limit_mib(self) -> int:
         return sum(service.mem_limit_mib for service in self.services.values())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        """The inverse of to_dict(): a plan of record read back (verify, rebuild, the tests)."""
+        def host(value):
+            return HostSize(**value) if value else None
+        dify = dict(data["dify"])
+        dify["pools"] = {role: PoolPlan(**{k: v for k, v in pool.items() if k != "client_connections"})
+                         for role, pool in dify["pools"].items()}
+        dify["gc_threshold"] = tuple(dify["gc_threshold"])
+        fields = {k: v for k, v in data.items() if k != "total_mem_limit_mib"}
+        return cls(**{
+            **fields,
+            "host": host(data["host"]),
+            "reported_host": host(data.get("reported_host")),
+            "services": {name: ServicePlan(**service) for name, service in data["services"].items()},
+            "postgres": PostgresPlan(**data["postgres"]),
+            "pgbouncer": PgBouncerPlan(**data["pgbouncer"]),
+            "redis": RedisPlan(**data["redis"]),
+            "redis_broker": RedisPlan(**data["redis_broker"]),
+            "dify": DifyPlan(**dify),
+        })
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -328,7 +378,7 @@ def plan_postgres(db_mib: int, cores: int, max_connections: int, disk_gib: int |
         max_wal = max(256, min(4096, disk_gib * 1024 // 32))
     return PostgresPlan(
         max_connections=max_connections,
-        superuser_reserved_connections=3,
+        superuser_reserved_connections=SUPERUSER_RESERVED_CONNECTIONS,
         shared_buffers_mib=shared_buffers,
         effective_cache_size_mib=db_mib * 3 // 4,
         maintenance_work_mem_mib=min(8192, db_mib // 16),
@@ -405,9 +455,8 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
     plugin_open = max(5, min(30, 4 * cores)) if "plugin_daemon" in services else 0
     # Rule: max_connections covers PgBouncer's server pools plus the direct clients and the
     # superuser reserve, and nothing more: every idle backend costs memory.
-    superuser_reserved = 3
     direct_admin = 5  # pg_dump, psql, verify straight to Postgres
-    max_connections = default_pool_size + reserve_pool + plugin_open + superuser_reserved + direct_admin
+    max_connections = default_pool_size + reserve_pool + plugin_open + SUPERUSER_RESERVED_CONNECTIONS + direct_admin
 
     postgres = plan_postgres(memory["db"], cores, max_connections, size.disk_gib)
 
@@ -427,12 +476,13 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
         host=size,
         preset=nearest_preset(size),
         reserve_mib=reserve,
-        # Swap on small hosts lets the host's own daemons survive a spike; containers cannot
-        # use it (memswap_limit == mem_limit), so budgets stay hard.
-        swap_mib=min(2048, size.memory_mib // 2) if size.memory_mib <= 8192 else 0,
+        swap_mib=swap_mib(size),
         vector_store=options.vector_store,
         data_root=options.data_root,
         domain=options.domain,
+        data_disk=options.data_disk,
+        verify_timer_every=options.verify_timer_every,
+        weaviate_gomemlimit_mib=(int(memory["weaviate"] * GOMEMLIMIT_SHARE) if "weaviate" in memory else None),
         services={name: ServicePlan(memory[name], service_cpus(SERVICE_RULES[name], cores), images[name])
                   for name in services},
         postgres=postgres,

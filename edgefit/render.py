@@ -1,38 +1,67 @@
-"""Plan + secrets -> every file of the stack, from the Jinja2 templates in templates/.
+"""Plan + secrets -> every file that lands on a host, from the Jinja2 templates in templates/.
 
-Paths are relative to the stack directory on the host (/opt/edgefit), except those under
-`host/`, which mirror the host's root (host/etc/docker/daemon.json -> /etc/docker/daemon.json).
-Each file says which services must restart when it changes, so a deploy restarts only those.
+The one renderer: compose, configs, host settings, systemd units and drop-ins, the verify
+timer's modules, and last the plan of record, which holds the sha256 of all the others so verify
+sees any of them drift. Each file knows its destination on the host and which services must
+restart (or whether systemd must reload) when it changes, so a deploy restarts only those.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
+from edgefit import verify
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
 from edgefit.secrets import Secrets
+
+PLAN_OF_RECORD_SCHEMA = 2
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 STACK_DIR = "/opt/edgefit"  # compose project directory on the host
 PYTHON_HOOK_DIR = "/opt/edgefit/python"  # where sitecustomize.py is mounted in api/worker/beat
 
+# Where files land on the host: one name per destination, so roles find a file by what it is.
+PLAN_OF_RECORD = "/etc/edgefit/plan.json"  # what the last deploy decided; verify and the timer read it
+DAEMON_JSON = "/etc/docker/daemon.json"
+SYSCTL_CONF = "/etc/sysctl.d/90-edgefit.conf"
+JOURNALD_CONF = "/etc/systemd/journald.conf.d/90-edgefit.conf"
+THP_UNIT = "/etc/systemd/system/edgefit-thp.service"
+DOCKER_DATA_DISK_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf"
+VERIFY_LIB_DIR = "/usr/local/lib/edgefit"  # the verify timer runs sampler.py and verify.py from here
+VERIFY_SERVICE = "/etc/systemd/system/edgefit-verify.service"
+VERIFY_TIMER = "/etc/systemd/system/edgefit-verify.timer"
+VERIFY_REPORT = "/var/lib/edgefit/verify-last.json"
+VERIFY_TIMER_WINDOW_S, VERIFY_TIMER_INTERVAL_S = 20, 5
+MODULES_DIR = Path(__file__).resolve().parent
+
 
 @dataclass(frozen=True)
 class StackFile:
-    path: str
+    dest: str  # absolute path on the host
     content: str
     mode: int = 0o644
     owner_uid: int | None = None  # the uid the container's process reads it as
     services: tuple[str, ...] = ()  # restart these when the file changes
+    systemd_unit: bool = False  # a unit or drop-in: systemd reloads when it changes
+
+    @property
+    def path(self) -> str:
+        """Where `edgefit render --out` puts it: stack files relative to the stack directory,
+        host files under host/ mirroring the host's root."""
+        if self.dest.startswith(STACK_DIR + "/"):
+            return self.dest[len(STACK_DIR) + 1:]
+        return "host" + self.dest
 
     @property
     def is_host_file(self) -> bool:
-        return self.path.startswith("host/")
+        return not self.dest.startswith(STACK_DIR + "/")
 
 
 def _environment() -> jinja2.Environment:
@@ -44,11 +73,18 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["mib"] = lambda value: f"{int(value)}m"
-    env.filters["mb"] = lambda value: f"{int(value)}MB"
     return env
 
 
+def verify_timer_since_s(every: str) -> int:
+    """OOM kills and crashes count back three timer periods (at least 15 minutes)."""
+    number, unit = re.match(r"(\d+)(\D+)", every).groups()
+    seconds = int(number) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}[unit]
+    return max(900, 3 * seconds)
+
+
 def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
+    """Every file the deploy puts on the host, the plan of record last (it holds the others' hashes)."""
     env = _environment()
     present = set(plan.services)
     context = {
@@ -64,40 +100,75 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
     def render(template: str, **extra) -> str:
         return env.get_template(template).render(**context, **extra)
 
+    def stack(relative: str, content: str, *args, **kwargs) -> StackFile:
+        return StackFile(f"{STACK_DIR}/{relative}", content, *args, **kwargs)
+
     files = [
-        StackFile("docker-compose.yml", render("docker-compose.yml.j2")),
+        stack("docker-compose.yml", render("docker-compose.yml.j2")),
         # No restart list: compose folds env_file into each service's config hash, so
         # `docker compose up -d` recreates exactly the services whose environment changed.
-        StackFile(".env", render("dify.env.j2"), 0o600),
-        StackFile("conf/redis/redis.conf",
-                  render("redis.conf.j2", redis=plan.redis, password=secrets.redis_password, role="cache",
-                         container_mib=plan.services["redis"].mem_limit_mib),
-                  0o600, RUN_AS_UID["redis"], ("redis",)),
-        StackFile("conf/redis-broker/redis.conf",
-                  render("redis.conf.j2", redis=plan.redis_broker, password=secrets.redis_broker_password,
-                         role="broker", container_mib=plan.services["redis_broker"].mem_limit_mib),
-                  0o600, RUN_AS_UID["redis_broker"], ("redis_broker",)),
-        StackFile("conf/postgres/postgresql.conf", render("postgresql.conf.j2"), 0o644, services=("db",)),
-        StackFile("conf/postgres/pg_hba.conf", render("pg_hba.conf.j2"), 0o644, services=("db",)),
-        StackFile("conf/postgres/initdb/10-edgefit.sql", render("initdb.sql.j2"), 0o644),
-        StackFile("conf/pgbouncer/pgbouncer.ini", render("pgbouncer.ini.j2"), 0o644, services=("pgbouncer",)),
-        StackFile("conf/pgbouncer/userlist.txt", render("userlist.txt.j2"), 0o600,
-                  RUN_AS_UID["pgbouncer"], ("pgbouncer",)),
-        StackFile("conf/nginx/nginx.conf", render("nginx.conf.j2"), 0o644, services=("nginx",)),
-        StackFile("conf/python/sitecustomize.py", render("sitecustomize.py.j2"), 0o644,
-                  services=tuple(context["dify_python_services"])),
+        stack(".env", render("dify.env.j2"), 0o600),
+        stack("conf/redis/redis.conf",
+              render("redis.conf.j2", redis=plan.redis, password=secrets.redis_password, role="cache",
+                     container_mib=plan.services["redis"].mem_limit_mib),
+              0o600, RUN_AS_UID["redis"], ("redis",)),
+        stack("conf/redis-broker/redis.conf",
+              render("redis.conf.j2", redis=plan.redis_broker, password=secrets.redis_broker_password,
+                     role="broker", container_mib=plan.services["redis_broker"].mem_limit_mib),
+              0o600, RUN_AS_UID["redis_broker"], ("redis_broker",)),
+        stack("conf/postgres/postgresql.conf", render("postgresql.conf.j2"), 0o644, services=("db",)),
+        stack("conf/postgres/pg_hba.conf", render("pg_hba.conf.j2"), 0o644, services=("db",)),
+        stack("conf/postgres/initdb/10-edgefit.sql", render("initdb.sql.j2"), 0o644),
+        stack("conf/pgbouncer/pgbouncer.ini", render("pgbouncer.ini.j2"), 0o644, services=("pgbouncer",)),
+        stack("conf/pgbouncer/userlist.txt", render("userlist.txt.j2"), 0o600,
+              RUN_AS_UID["pgbouncer"], ("pgbouncer",)),
+        stack("conf/nginx/nginx.conf", render("nginx.conf.j2"), 0o644, services=("nginx",)),
+        stack("conf/python/sitecustomize.py", render("sitecustomize.py.j2"), 0o644,
+              services=tuple(context["dify_python_services"])),
         # cgroupfs, not systemd: with the systemd driver runc writes memory.swap.max = 0
         # itself and the next `systemctl daemon-reload` resets it to "max" (measured on the
         # test VMs), so every container could swap past its limit. JSON has no comments.
-        StackFile("host/etc/docker/daemon.json", render("daemon.json.j2")),
-        StackFile("host/etc/sysctl.d/90-edgefit.conf", render("sysctl.conf.j2")),
-        StackFile("host/etc/systemd/journald.conf.d/90-edgefit.conf", render("journald.conf.j2")),
-        StackFile("host/etc/systemd/system/edgefit-thp.service", render("thp.service.j2")),
+        StackFile(DAEMON_JSON, render("daemon.json.j2")),
+        StackFile(SYSCTL_CONF, render("sysctl.conf.j2")),
+        StackFile(JOURNALD_CONF, render("journald.conf.j2")),
+        StackFile(THP_UNIT, render("thp.service.j2"), systemd_unit=True),
     ]
     if "ssrf_proxy" in present:
-        files.append(StackFile("conf/ssrf_proxy/squid.conf", render("squid.conf.j2"), 0o644,
-                               services=("ssrf_proxy",)))
+        files.append(stack("conf/ssrf_proxy/squid.conf", render("squid.conf.j2"), 0o644, services=("ssrf_proxy",)))
+    if plan.data_disk:
+        # Docker must not start its containers before the data disk is mounted: Postgres would
+        # find an empty directory on the root filesystem and initialise a new, empty cluster.
+        files.append(StackFile(DOCKER_DATA_DISK_DROP_IN, render("docker-data-disk.conf.j2"), systemd_unit=True))
+    if plan.verify_timer_every:
+        files += _verify_timer_files(render, plan.verify_timer_every)
+    files.append(StackFile(PLAN_OF_RECORD, plan_of_record(plan, files), 0o600))
     return files
+
+
+def _verify_timer_files(render, every: str) -> list[StackFile]:
+    """`edgefit verify` on the host itself: the two standard-library modules and the units."""
+    units = {"lib_dir": VERIFY_LIB_DIR, "expect_path": PLAN_OF_RECORD, "report_path": VERIFY_REPORT,
+             "window": VERIFY_TIMER_WINDOW_S, "interval": VERIFY_TIMER_INTERVAL_S,
+             "since": verify_timer_since_s(every), "every": every}
+    return [
+        *(StackFile(f"{VERIFY_LIB_DIR}/{name}", (MODULES_DIR / name).read_text()) for name in ("sampler.py", "verify.py")),
+        StackFile(VERIFY_SERVICE, render("edgefit-verify.service.j2", **units), systemd_unit=True),
+        StackFile(VERIFY_TIMER, render("edgefit-verify.timer.j2", **units), systemd_unit=True),
+    ]
+
+
+def plan_of_record(plan: Plan, files: list[StackFile]) -> str:
+    """What this deploy decided, for verify, the timer, rebuild and the tests: the whole plan, and
+    the expectations verify judges by (limits, settings, the sha256 of every other file). No
+    secret value; deterministic, so an unchanged plan uploads nothing."""
+    record = {"schema": PLAN_OF_RECORD_SCHEMA, "plan": plan.to_dict(),
+              "expect": verify.expectations(plan, files)}
+    return json.dumps(record, indent=1, sort_keys=True) + "\n"
+
+
+def file_at(files: list[StackFile], dest: str) -> StackFile:
+    """The rendered file that lands at dest (one of the names above)."""
+    return next(stack_file for stack_file in files if stack_file.dest == dest)
 
 
 def write_stack(files: list[StackFile], out_dir: Path) -> list[Path]:

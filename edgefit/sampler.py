@@ -444,6 +444,7 @@ class Sampler:
             "stack": {"dir": args.stack_dir,
                       "compose_file": os.path.isfile(os.path.join(args.stack_dir, "docker-compose.yml"))},
             "host": {"cgroup2": os.path.isfile(os.path.join(args.cgroup_root, "cgroup.controllers")),
+                     "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                      "psi_start": read_psi(os.path.join(args.proc_root, "pressure", "memory")),
                      "samples": []},
             "psutil": self._psutil is not None,

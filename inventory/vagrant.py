@@ -30,7 +30,7 @@ def _host(name, entry):
     data = {key: entry[key] for key in _SSH_KEYS}
     # Clones of one box share host keys, and ports change between runs.
     data["ssh_strict_host_key_checking"] = "off"
-    data["edgefit_test_host"] = {
+    data["vagrant_host"] = {  # for people and tests; not an edgefit setting
         "size": entry["size"], "cpus": entry["cpus"], "memory_mib": entry["memory_mib"],
         "data_disk": entry["data_disk"],
     }

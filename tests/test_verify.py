@@ -1,237 +1,26 @@
-"""`edgefit verify` without a real host: the pure judgement, the table and JSON, exit codes, the
-sampler against a fake host, and the connection layer against unreachable hosts.
-
-FakeHost(tmp_path, plan, secrets) builds a healthy stack shaped from a real Plan: a cgroup v2
-tree, a /proc, the rendered files on disk and a fake `docker` command (every container at ~40 %
-of its budget, limits and settings as planned). Each test breaks one thing and runs the real
-sampler against it in-process (a fraction of a second), then verify.evaluate().
+"""`edgefit verify`'s judgement on a fake host (tests/fake_host.py): the healthy baseline,
+events a snapshot misses, drift from the plan of record, warnings, could-not-check, the output,
+and the timer's on-host entry point.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
+import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+
 from edgefit import sampler, verify
-from edgefit.render import render_stack, write_stack
-
-MIB = 1024 * 1024
-
-FAKE_DOCKER = r'''
-import json, os, sys, time
-state_path = sys.argv[1]
-args = sys.argv[2:]
-state = json.load(open(state_path))
-if state.get("docker_error"):
-    print(state["docker_error"], file=sys.stderr)
-    sys.exit(1)
-command = args[0]
-if command == "ps":
-    print("\n".join(c["Id"] for c in state["containers"]))
-elif command == "inspect":
-    counter = state_path + ".inspects"
-    n = int(open(counter).read()) if os.path.exists(counter) else 0
-    open(counter, "w").write(str(n + 1))
-    views = state["containers"] if n == 0 else state.get("containers_end", state["containers"])
-    print(json.dumps([c for c in views if c["Id"] in args[1:]]))
-elif command == "exec":
-    cid, rest = args[1], args[2:]
-    kind = {"sh": "redis", "psql": "psql", "python3": "python3"}[rest[0]]
-    time.sleep(state.get("exec_sleep", 0))
-    answer = state["exec"].get(cid, {}).get(kind)
-    if answer is None:
-        print("OCI runtime exec failed: executable file not found", file=sys.stderr)
-        sys.exit(126)
-    if kind == "redis" and "CONFIG" not in rest[-1]:
-        answer = answer.split("@@INFO@@", 1)[-1]
-        answer = "@@INFO@@" + state.get("redis_info_end", {}).get(cid, answer)
-    print(answer)
-elif command == "events":
-    for event in state.get("events", []):
-        print(json.dumps(event))
-else:
-    sys.exit(2)
-'''
-
-PG_UNITS = {  # how pg_settings reports each planned setting
-    "shared_buffers": "8kB", "effective_cache_size": "8kB", "maintenance_work_mem": "kB", "work_mem": "kB",
-    "wal_buffers": "8kB", "min_wal_size": "MB", "max_wal_size": "MB",
-    "idle_in_transaction_session_timeout": "ms",
-}
-
-
-def docker_time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"
-
-
-def pg_setting(name: str, value) -> tuple[str, str]:
-    unit = PG_UNITS.get(name, "")
-    if unit == "8kB":
-        return str(round(value / 8192)), unit
-    if unit == "kB":
-        return str(value // 1024), unit
-    if unit == "MB":
-        return str(value // MIB), unit
-    return str(value), unit
-
-
-class FakeHost:
-    def __init__(self, tmp_path: Path, plan, secrets, *, share: float = 0.4):
-        self.tmp = tmp_path
-        self.plan = plan
-        self.root = str(tmp_path / "root")
-        self.cgroup = tmp_path / "cgroup"
-        self.proc = tmp_path / "proc"
-        self.state_path = tmp_path / "docker-state.json"
-        self.docker_path = tmp_path / "fake_docker.py"
-        self.docker_path.write_text(FAKE_DOCKER)
-        self.rendered = render_stack(plan, secrets)
-        self.expected = verify.expectations(plan, self.rendered, root=self.root)
-        self.now = time.time()
-
-        # The rendered files where the deploy puts them, under root.
-        stack_dir = Path(self.root + verify.STACK_DIR)
-        write_stack([f for f in self.rendered if not f.is_host_file], stack_dir)
-        host_files = [f for f in self.rendered if f.is_host_file]
-        for stack_file in host_files:
-            target = Path(verify.stack_file_destination(stack_file.path, root=self.root))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(stack_file.content)
-
-        (self.cgroup).mkdir(parents=True)
-        (self.cgroup / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
-        (self.proc / "pressure").mkdir(parents=True)
-        self.set_meminfo(plan.host.memory_mib * 1024, plan.host.memory_mib * 1024 // 2, 1024 * 1024, 1024 * 1024)
-        self.set_pressure(0.0, 0.0)
-
-        self.state = {"containers": [], "exec": {}, "events": []}
-        for index, (name, service) in enumerate(plan.services.items()):
-            container_id = f"{index + 1:02d}" + "ab" * 31
-            pid = 4000 + index
-            limit = service.mem_limit_mib * MIB
-            self.state["containers"].append({
-                "Id": container_id, "Name": f"/edgefit-dify-{name}-1", "Created": docker_time(self.now - 7200),
-                "RestartCount": 0,
-                "State": {"Status": "running", "Running": True, "Restarting": False, "Pid": pid,
-                          "OOMKilled": False, "ExitCode": 0, "StartedAt": docker_time(self.now - 7000),
-                          "FinishedAt": "0001-01-01T00:00:00Z",
-                          "Health": {"Status": "healthy", "FailingStreak": 0,
-                                     "Log": [{"Start": docker_time(self.now - 10), "End": docker_time(self.now - 9),
-                                              "ExitCode": 0, "Output": "ok"}]}},
-                "Config": {"Image": service.image, "Labels": {
-                    "com.docker.compose.project": "edgefit-dify", "com.docker.compose.service": name,
-                    "io.edgefit.service": name, "io.edgefit.mem_limit_mib": str(service.mem_limit_mib)}},
-                "HostConfig": {"Memory": limit, "MemorySwap": limit, "NanoCpus": int(service.cpus * 1e9)},
-            })
-            directory = self.cgroup / "system.slice" / f"docker-{container_id}.scope"
-            directory.mkdir(parents=True)
-            (self.proc / str(pid)).mkdir()
-            (self.proc / str(pid) / "cgroup").write_text(f"0::/system.slice/docker-{container_id}.scope\n")
-            self.set_memory(name, int(limit * share), cache=int(limit * 0.05))
-            self.write(name, "memory.max", str(limit))
-            self.write(name, "memory.swap.max", "0")
-            self.write(name, "memory.peak", str(int(limit * (share + 0.1))))
-            self.write(name, "memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n")
-            self.write(name, "cpu.stat", "usage_usec 1000000\nuser_usec 800000\nsystem_usec 200000\n")
-            self.write(name, "cpu.max", f"{int(service.cpus * 100000)} 100000")
-            if name in ("redis", "redis_broker"):
-                redis = plan.redis if name == "redis" else plan.redis_broker
-                self.set_redis(name, redis.maxmemory_mib * MIB, redis.maxmemory_policy)
-            elif name == "db":
-                self.set_postgres({})
-            elif name in ("api", "worker", "worker_beat"):
-                self.exec_answers(name)["python3"] = str(tuple(plan.dify.gc_threshold))
-        self.save()
-
-    # -- editing the fake host
-    def container(self, service: str) -> dict:
-        return next(c for c in self.state["containers"] if c["Config"]["Labels"]["io.edgefit.service"] == service)
-
-    def cgroup_dir(self, service: str) -> Path:
-        return self.cgroup / "system.slice" / f"docker-{self.container(service)['Id']}.scope"
-
-    def write(self, service: str, name: str, text: str) -> None:
-        (self.cgroup_dir(service) / name).write_text(text if text.endswith("\n") else text + "\n")
-
-    def exec_answers(self, service: str) -> dict:
-        return self.state["exec"].setdefault(self.container(service)["Id"], {})
-
-    def set_memory(self, service: str, anon: int, cache: int = 0, inactive_share: float = 0.5) -> None:
-        inactive = int(cache * inactive_share)
-        self.write(service, "memory.current", str(anon + cache))
-        self.write(service, "memory.stat", f"anon {anon}\nfile {cache}\nkernel 1048576\nshmem 0\nsock 0\n"
-                                           f"active_file {cache - inactive}\ninactive_file {inactive}\nslab 524288\n")
-
-    def set_redis(self, service: str, maxmemory: int, policy: str, evicted: int = 0, used: int = 2 * MIB) -> None:
-        self.exec_answers(service)["redis"] = (
-            f"maxmemory\n{maxmemory}\nmaxmemory-policy\n{policy}\nmaxmemory-samples\n5\n@@INFO@@\n"
-            f"# Memory\r\nused_memory:{used}\r\nmaxmemory:{maxmemory}\r\nmaxmemory_policy:{policy}\r\n"
-            f"# Stats\r\nevicted_keys:{evicted}\r\nexpired_keys:0\r\n")
-
-    def set_postgres(self, overrides: dict) -> None:
-        rows = []
-        for name, value in {**self.expected["postgres"], **overrides}.items():
-            setting, unit = pg_setting(name, value)
-            rows.append(f"{name}|{setting}|{unit}")
-        self.exec_answers("db")["psql"] = "\n".join(rows)
-
-    def set_meminfo(self, total_kib: int, available_kib: int, swap_total_kib: int, swap_free_kib: int) -> None:
-        (self.proc / "meminfo").write_text(
-            f"MemTotal:       {total_kib} kB\nMemFree:        {available_kib // 2} kB\n"
-            f"MemAvailable:   {available_kib} kB\nCached:         {available_kib // 4} kB\n"
-            f"SwapTotal:      {swap_total_kib} kB\nSwapFree:       {swap_free_kib} kB\n")
-
-    def set_pressure(self, some_avg10: float, full_avg10: float, some_avg60: float = 0.0) -> None:
-        (self.proc / "pressure" / "memory").write_text(
-            f"some avg10={some_avg10:.2f} avg60={some_avg60:.2f} avg300=0.00 total=12345\n"
-            f"full avg10={full_avg10:.2f} avg60=0.00 avg300=0.00 total=2345\n")
-
-    def save(self) -> None:
-        self.state_path.write_text(json.dumps(self.state))
-        counter = Path(str(self.state_path) + ".inspects")
-        if counter.exists():
-            counter.unlink()
-
-    # -- running the sampler and the judgement
-    def sampler_args(self, window: float = 0.3, interval: float = 0.1, exec_timeout: float = 5.0) -> list[str]:
-        args = ["--window", str(window), "--interval", str(interval), "--cgroup-root", str(self.cgroup),
-                "--proc-root", str(self.proc), "--stack-dir", self.root + verify.STACK_DIR,
-                "--docker", f"{sys.executable} {self.docker_path} {self.state_path}",
-                "--exec-timeout", str(exec_timeout)]
-        for path in sorted(self.expected["files"]):
-            args += ["--hash", path]
-        return args
-
-    def sample(self, **kwargs) -> dict:
-        self.save()
-        return sampler.Sampler(sampler.parse_args(self.sampler_args(**kwargs))).main()
-
-    def judge(self, strict: bool = False, **kwargs) -> dict:
-        return verify.evaluate(self.sample(**kwargs), self.expected, host="fake", strict=strict)
-
-
-
-
-# =============================================================================================
-# Tests
-
-import re  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-
-import pytest  # noqa: E402
-
-from edgefit.plan import HostSize, make_plan  # noqa: E402
-from edgefit.secrets import Secrets  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-EDGEFIT = [sys.executable, "-m", "edgefit"]
+from edgefit.plan import HostSize, Options, make_plan
+from edgefit.secrets import Secrets
+from tests.fake_host import MIB, FakeHost, docker_time
 
 
 @pytest.fixture(scope="module")
@@ -451,12 +240,40 @@ def test_hand_edited_and_missing_config_files_fail_by_path(fake):
     assert len(messages) == 2
 
 
-def test_without_the_hosts_secrets_files_are_not_compared_but_the_rest_is(fake, plan):
-    expected = verify.expectations(plan, None, files_error="/etc/edgefit/secrets.env is missing on the host")
-    report = verify.evaluate(fake.sample(), expected)
-    assert report["verdict"] == "ok"
-    assert any("config files not compared: /etc/edgefit/secrets.env is missing" in f["message"]
-               for f in warns(report, "check_failed"))
+def test_the_data_disk_drop_in_and_the_timer_units_are_checked_for_drift(tmp_path, secrets):
+    plan = make_plan(HostSize(2, 4096, 40), Options(data_disk="/dev/vdb", verify_timer_every="5min"))
+    fake = FakeHost(tmp_path, plan, secrets)
+    assert fake.judge()["verdict"] == "ok"
+    drop_in = Path(fake.root + "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf")
+    timer = Path(fake.root + "/etc/systemd/system/edgefit-verify.timer")
+    module = Path(fake.root + "/usr/local/lib/edgefit/verify.py")
+    drop_in.write_text(drop_in.read_text().replace("RequiresMountsFor", "# RequiresMountsFor"))
+    timer.write_text(timer.read_text().replace("OnUnitActiveSec=5min", "OnUnitActiveSec=1h"))
+    module.write_text(module.read_text() + "\n# edited\n")
+    messages = [f["message"] for f in fails(fake.judge(), "config_drift")]
+    assert sorted(m.split()[0] for m in messages) == sorted(str(p) for p in (drop_in, timer, module))
+
+
+def test_a_host_whose_memory_changed_since_the_deploy_passes_with_a_warning(fake, plan):
+    # A kernel update moves MemTotal by a few MiB: the limits of the plan of record still hold.
+    fake.set_meminfo((plan.host.memory_mib - 10) * 1024, plan.host.memory_mib * 1024 // 2, 1024 * 1024, 1024 * 1024)
+    report = fake.judge()
+    assert report["verdict"] == "ok" and report["exit_code"] == 0
+    [warning] = warns(report, "host_changed")
+    assert f"memory {plan.host.memory_mib} -> {plan.host.memory_mib - 10} MiB" in warning["message"]
+    assert fake.judge(strict=True)["exit_code"] == 1
+    # and a plan made from the new size would have moved limits: judging by it would fail the host
+    moved = make_plan(HostSize(2, plan.host.memory_mib - 10, 40))
+    assert moved.services["api"].mem_limit_mib != plan.services["api"].mem_limit_mib
+
+
+def test_the_plan_of_record_holds_every_other_file_and_no_secret(fake, secrets):
+    record = json.loads(fake.record_text())
+    assert record["schema"] == 2 and record["plan"]["services"]["api"]["mem_limit_mib"]
+    placed = {f.dest for f in fake.rendered} - {"/etc/edgefit/plan.json"}
+    assert set(record["expect"]["files"]) == placed
+    for value in vars(secrets).values():
+        assert value not in fake.record_text()
 
 
 # ---- warnings ---------------------------------------------------------------------------------
@@ -584,8 +401,8 @@ def test_reports_and_expectations_are_json_and_never_hold_a_secret(fake, secrets
 # ---- on the host: the timer's entry point --------------------------------------------------------
 
 def test_verify_py_runs_on_a_host_against_saved_expectations(fake, tmp_path, capsys):
-    expect = tmp_path / "expect.json"
-    expect.write_text(json.dumps(fake.expected))
+    expect = tmp_path / "plan.json"  # the plan of record, its expectations rooted in the fake tree
+    expect.write_text(json.dumps({"schema": 2, "expect": fake.expected}))
     out = tmp_path / "last.json"
     fake.save()
     extra = shlex.join(["--cgroup-root", str(fake.cgroup), "--proc-root", str(fake.proc),
@@ -602,113 +419,3 @@ def test_verify_py_runs_on_a_host_against_saved_expectations(fake, tmp_path, cap
     assert verify.main(argv) == 1
     printed = capsys.readouterr().out
     assert "FAIL redis maxmemory is 0 (unbounded)" in printed
-
-
-# ---- the command line and the connection layer (subprocesses: pyinfra patches with gevent) ---------
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_an_unreachable_host_exits_2_with_a_sentence_while_other_hosts_are_checked(tmp_path):
-    port = closed_port()
-    (tmp_path / "inv.py").write_text(
-        f'edge = [("dead", {{"ssh_hostname": "127.0.0.1", "ssh_port": {port}, "ssh_user": "root"}}),\n'
-        f'        ("@local", {{}})]\n')
-    started = time.monotonic()
-    done = subprocess.run([*EDGEFIT, "verify", "inv.py", "--window", "2", "--json", "out.json"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
-    elapsed = time.monotonic() - started
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0].startswith("edgefit verify: COULD NOT CHECK: 2 hosts")
-    assert f"dead: could not check: dead is unreachable: Could not connect" in done.stdout
-    assert str(port) in done.stdout
-    document = json.loads((tmp_path / "out.json").read_text())
-    by_host = {h["host"]: h for h in document["hosts"]}
-    assert set(by_host) == {"dead", "@local"} and document["exit_code"] == 2
-    # The other host was really checked: its sampler ran here and found no stack.
-    assert "unreachable" not in by_host["@local"]["summary"]
-    assert "no stack deployed" in by_host["@local"]["summary"] or "docker did not answer" in by_host["@local"]["summary"]
-    assert elapsed < 2 + 15
-
-
-def test_bad_inventories_and_limits_exit_2_with_one_line(tmp_path):
-    (tmp_path / "inv.py").write_text('edge = [("a.example", {}), ("b.example", {})]\n')
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    missing = subprocess.run([*EDGEFIT, "verify", "nope.py"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=60, env=env)
-    assert missing.returncode == 2 and missing.stderr.strip() == "edgefit: error: inventory nope.py does not exist"
-    nomatch = subprocess.run([*EDGEFIT, "verify", "inv.py", "--limit", "zzz*"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=60, env=env)
-    assert nomatch.returncode == 2 and "no host of inv.py matches --limit zzz*" in nomatch.stderr
-    window = subprocess.run([*EDGEFIT, "verify", "inv.py", "--window", "0"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60, env=env)
-    assert window.returncode == 2 and "Traceback" not in window.stderr
-
-
-PLAN_SCRIPT = r'''
-import json, sys
-from edgefit import verify_cli
-from edgefit.plan import HostSize, make_plan
-from edgefit.settings import read_settings
-from edgefit.secrets import Secrets
-
-secrets = Secrets.generate()
-lines = ["cpus=2", "mem_kib=4030000", "swap_kib=0", "os_id=debian", "os_version=12",
-         "root_size_kib=20000000", "root_free_kib=10000000", "cgroup2=yes", verify_cli.SEPARATOR,
-         "exists=yes", "size_bytes=%d" % (40 * 1024**3), "TYPE=ext4", "UUID=x", "mountpoint=/srv/dify",
-         verify_cli.SEPARATOR] + secrets.to_env().splitlines()
-data = {"edgefit_data_disk": "/dev/vdb", "edgefit_size_override": sys.argv[1] and json.loads(sys.argv[1])}
-settings = read_settings({k: v for k, v in data.items() if v})
-facts, device, text = verify_cli.parse_prepare_output(lines, settings.data_disk)
-plan = verify_cli.host_plan(settings, facts, device)
-expected = verify_cli.expected_for(plan, text, "h")
-print(json.dumps({"host": [plan.host.cpus, plan.host.memory_mib, plan.host.disk_gib],
-                  "total": plan.total_mem_limit_mib, "expected_total": expected["total_mem_limit_mib"],
-                  "files": len(expected["files"]), "secret_leak": any(v in json.dumps(expected) for v in vars(secrets).values()),
-                  "command": verify_cli.prepare_command(settings.data_disk)}))
-'''
-
-
-@pytest.mark.parametrize("override", ["", '{"cpus": 4, "memory": "8G"}'])
-def test_the_plan_is_recomputed_from_the_same_facts_and_host_data_as_the_deploy(override, tmp_path):
-    done = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, override], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    cpus, memory = (4, 8192) if override else (2, 4030000 // 1024)
-    assert result["host"] == [cpus, memory, 40]  # the data disk's size, as roles/facts.py uses
-    assert result["total"] == make_plan(HostSize(cpus, memory, 40)).total_mem_limit_mib == result["expected_total"]
-    assert result["files"] >= 15 and not result["secret_leak"]
-    assert "blockdev --getsize64 /dev/vdb" in result["command"] and "/etc/edgefit/secrets.env" in result["command"]
-
-
-# ---- the verify timer (roles/verify_timer.py) ---------------------------------------------------
-
-def test_the_timer_units_render_and_pass_systemd_analyze(tmp_path):
-    sys.path.insert(0, str(REPO))
-    from roles.verify_timer import TIMESPAN, render_units, since_seconds
-
-    assert since_seconds("5min") == 900 and since_seconds("1h") == 3 * 3600 and since_seconds("60s") == 900
-    assert TIMESPAN.match("300s") and not TIMESPAN.match("5 minutes") and not TIMESPAN.match("1h; rm -rf /")
-    units = render_units("10min", since_seconds("10min"))
-    service, timer = units["edgefit-verify.service"], units["edgefit-verify.timer"]
-    assert "--events-since 1800" in service and "/usr/local/lib/edgefit/verify.py" in service
-    assert "OnUnitActiveSec=10min" in timer and "WantedBy=timers.target" in timer
-    for name, text in units.items():
-        (tmp_path / name).write_text(text)
-    if shutil.which("systemd-analyze") is None or not Path("/usr/bin/python3").exists():
-        pytest.skip("systemd-analyze or /usr/bin/python3 missing here")
-    done = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / n) for n in units)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "edgefit-verify" not in done.stderr, done.stderr
-
-
-def test_group_data_documents_the_timer_off_by_default():
-    text = (REPO / "group_data" / "all.py").read_text()
-    assert "\nedgefit_verify_timer = False" in text and 'edgefit_verify_timer_every = "5min"' in text
-    assert "install_verify_timer(plan, rendered)" in (REPO / "deploy.py").read_text()

@@ -162,6 +162,38 @@ def test_a_redis_maxmemory_changed_by_hand_fails_as_drift(deployed_stack, tmp_pa
         host.run(f"docker exec {container('redis')} redis-cli -h 127.0.0.1 CONFIG SET maxmemory {planned}mb")
 
 
+def test_a_host_changed_since_the_deploy_passes_against_its_plan_of_record_with_a_warning(deployed_stack, tmp_path):
+    """issue 8: a kernel update moves MemTotal by a few MiB; verify judges by the plan of record
+    (a plan recomputed from the new MemTotal would move limits by MiBs and fail the host)."""
+    host = deployed_stack.hosts["edge-small"]
+    record_path = "/etc/edgefit/plan.json"
+    original = host.run(f"cat {record_path}").stdout
+    record = json.loads(original)
+    now = record["expect"]["reported_host"]["memory_mib"]
+    record["expect"]["reported_host"]["memory_mib"] = now + 10  # as if the deploy had seen 10 MiB more
+    host.run(f"cat > {record_path}", input=json.dumps(record))
+    try:
+        done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=6)
+        assert done.returncode == 0, done.stdout
+        changed = [f for f in host_report(document, "edge-small")["findings"] if f["kind"] == "host_changed"]
+        assert changed and f"memory {now + 10} -> {now} MiB" in changed[0]["message"], done.stdout
+    finally:
+        host.run(f"cat > {record_path}", input=original)
+
+
+def test_a_hand_edited_data_disk_drop_in_fails_as_drift_and_a_deploy_restores_it(deployed_stack, tmp_path):
+    host = deployed_stack.hosts["edge-small"]
+    drop_in = "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf"
+    host.run(f"sed -i 's/^RequiresMountsFor/#RequiresMountsFor/' {drop_in}")
+    done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=5)
+    assert done.returncode == 1, done.stdout
+    drift = [f for f in failing(host_report(document, "edge-small")) if f["kind"] == "config_drift"]
+    assert [f["message"].split()[0] for f in drift] == [drop_in], drift
+    run = run_deploy(deployed_stack.inventory, "--limit", "edge-small")
+    assert run.returncode == 0, run.output[-4000:]
+    assert host.run(f"grep -c '^RequiresMountsFor=' {drop_in}").stdout.strip() == "1"
+
+
 # ---- an unreachable host beside a healthy one --------------------------------------------------------
 
 def test_an_unreachable_host_exits_2_with_a_sentence_while_the_other_is_checked(deployed_stack, tmp_path):

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from edgefit.facts import COMPOSE_PROJECT, BlockDevice, HostSizeFacts
-from edgefit.plan import HostSize, Options, Plan, make_plan
+from edgefit.host_plan import check_and_plan
+from edgefit.plan import Plan
+from edgefit.settings import read_settings
 
 REPO = Path(__file__).resolve().parents[1]
 PYINFRA = REPO / ".venv" / "bin" / "pyinfra"
@@ -90,11 +92,21 @@ def fact_on(host, fact_class, **kwargs):
 
 
 def plan_for(host) -> Plan:
-    """The plan the deploy must have made for this host: its live facts and group_data/vagrant.py."""
+    """The plan the deploy made for this host, from its plan of record (/etc/edgefit/plan.json)."""
+    record = json.loads(host.run("cat /etc/edgefit/plan.json").stdout)
+    return Plan.from_dict(record["plan"])
+
+
+def plan_from_live_facts(host) -> Plan:
+    """The plan edgefit.host_plan makes from this host's live facts and group_data/vagrant.py:
+    the one facts -> plan path the deploy uses, run here against the same facts."""
+    import runpy
+
+    data = {k: v for k, v in runpy.run_path(str(REPO / "group_data" / "vagrant.py")).items() if k.startswith("edgefit_")}
+    settings = read_settings(data)
     facts = fact_on(host, HostSizeFacts)
-    disk = fact_on(host, BlockDevice, path=host["data_disk"])
-    images = json.loads(_manifest_path().read_text())["images_by_service"]
-    return make_plan(HostSize(facts["cpus"], facts["memory_mib"], disk["size_gib"]), Options(images=images))
+    device = fact_on(host, BlockDevice, path=settings.options.data_disk)
+    return check_and_plan(settings, facts, device, docker_installed=True)
 
 
 def _manifest_path() -> Path:

@@ -1,17 +1,17 @@
-"""`edgefit verify INVENTORY`: the connection layer around sampler.py and verify.py.
+"""The remote layer of `edgefit verify INVENTORY`: inventory, connections, and the two commands.
 
 Hosts, keys, host data and parallelism come from pyinfra itself, exactly as for the deploy:
 pyinfra_cli's make_inventory (group_data/ beside the working directory and the inventory),
 pyinfra's State/Config, one greenlet per host on the state's pool, SSH through pyinfra's
 connector (paramiko underneath). Per host, in two commands over one connection:
 
-1. the deploy's own facts (edgefit.facts.HostSizeFacts, BlockDevice of the data disk) and the
-   secrets file, so the plan is recomputed as the deploy made it (read_settings(host.data),
-   size override) and the stack rendered again; the secrets stay in memory, never printed;
-2. sampler.py, sent on stdin to `python3 -`, which watches the stack for --window seconds and
-   prints one JSON document.
+1. the plan of record the last deploy wrote (/etc/edgefit/plan.json: limits, settings and the
+   sha256 of every file it placed; no secret crosses the connection);
+2. sampler.py, sent on stdin to `python3 -`, which watches the stack for --window seconds,
+   hashes the recorded files and prints one JSON document.
 
-verify.evaluate() then judges the samples. Every wait is bounded: the connection by
+verify.evaluate() then judges the samples against the record, and names any change of the host
+(memory, cores) since the deploy as a warning. Every wait is bounded: the connection by
 CONNECT_TIMEOUT, each command by pyinfra's _timeout, each host by a gevent.Timeout.
 """
 
@@ -34,13 +34,9 @@ import gevent
 
 from edgefit import sampler as sampler_module
 from edgefit import verify
-from edgefit.facts import SECRETS_PATH, BlockDevice, HostSizeFacts, SecretsFile
-from edgefit.plan import HostSize, PlanError, make_plan
-from edgefit.render import STACK_DIR, render_stack
-from edgefit.secrets import Secrets, SecretsError
-from edgefit.settings import SettingsError, read_settings
+from edgefit.render import PLAN_OF_RECORD, PLAN_OF_RECORD_SCHEMA
 
-SEPARATOR = "@@EDGEFIT-VERIFY@@"
+NO_RECORD = "@@EDGEFIT-NO-PLAN-OF-RECORD@@"
 NO_PYTHON = "@@EDGEFIT-NO-PYTHON3@@"
 CONNECT_TIMEOUT = 10
 PREPARE_TIMEOUT = 20
@@ -131,57 +127,21 @@ def _executor_arguments(state, host) -> dict:
     return {key: value for key, value in arguments.items() if key in CONNECTOR_ARGUMENT_KEYS}
 
 
-def prepare_command(data_disk: str | None) -> str:
-    parts = [HostSizeFacts().command(),
-             BlockDevice().command(data_disk) if data_disk else "true",
-             SecretsFile().command()]
-    return f"; echo {SEPARATOR}; ".join(parts)
+def record_command() -> str:
+    path = shlex.quote(PLAN_OF_RECORD)
+    return f"test -s {path} && cat {path} || echo {NO_RECORD}"
 
 
-def parse_prepare_output(lines: list[str], data_disk: str | None) -> tuple[dict, dict | None, str | None]:
-    """-> (size facts, block device or None, secrets text or None). Never logs the secrets."""
-    sections: list[list[str]] = [[]]
-    for line in lines:
-        if line.strip() == SEPARATOR:
-            sections.append([])
-        else:
-            sections[-1].append(line)
-    if len(sections) != 3:
-        raise ValueError("unexpected output from the facts command")
-    facts = HostSizeFacts().process(sections[0])
-    device = BlockDevice().process(sections[1]) if data_disk else None
-    secrets = SecretsFile().process(sections[2])
-    return facts, device, secrets
-
-
-def host_plan(settings, facts: dict, device: dict | None):
-    """The plan exactly as roles/facts.py makes it for the deploy."""
-    disk_gib = facts["root_size_gib"]
-    if settings.data_disk and device and device.get("exists"):
-        disk_gib = device["size_gib"]
-    cpus, memory = facts["cpus"], facts["memory_mib"]
-    if settings.size_override:
-        cpus, memory = settings.size_override
-    return make_plan(HostSize(cpus, memory, disk_gib), settings.options)
-
-
-def expected_for(plan, secrets_text: str | None, host_name: str) -> dict:
-    """Expectations with the rendered files' hashes (None with a reason when the host's secrets
-    cannot be read: the file comparison is then skipped, nothing else)."""
-    files_error = None
-    try:
-        if secrets_text is None:
-            raise SecretsError(f"{SECRETS_PATH} is missing on the host")
-        secrets = Secrets.from_env(secrets_text, f"{host_name}:{SECRETS_PATH}")
-        rendered = render_stack(plan, secrets)
-    except SecretsError as error:
-        files_error = str(error)
-        rendered = None
-    expected = verify.expectations(plan, rendered, stack_dir=STACK_DIR, files_error=files_error)
-    if rendered is None:  # still ask for the paths, so missing files are named
-        placeholder = render_stack(plan, Secrets.generate())
-        expected["paths"] = [verify.stack_file_destination(f.path, STACK_DIR) for f in placeholder]
-    return expected
+def parse_record(lines: list[str]) -> dict | None:
+    """-> the expectations of the plan of record, or None when the host has none."""
+    text = "\n".join(lines).strip()
+    if text == NO_RECORD:
+        return None
+    record = json.loads(text)
+    if not isinstance(record, dict) or record.get("schema") != PLAN_OF_RECORD_SCHEMA or "expect" not in record:
+        raise ValueError(f"{PLAN_OF_RECORD} is not a plan of record this edgefit reads (schema "
+                         f"{record.get('schema') if isinstance(record, dict) else '?'}); re-deploy")
+    return record["expect"]
 
 
 def sampler_command(options: VerifyOptions, paths: list[str]) -> str:
@@ -214,33 +174,25 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
 
     name = host.name
     try:
-        settings = read_settings(host.data)
-    except SettingsError as error:
-        return verify.error_report(name, f"inventory data for {name}: {error}")
-
-    try:
         host.connect(show_errors=False, raise_exceptions=True)
     except ConnectError as error:
         reason = error.args[0] if error.args else "connection failed"
         return verify.error_report(name, f"{name} is unreachable: {reason}")
     arguments = _executor_arguments(state, host)
 
-    ok, output = host.run_shell_command(prepare_command(settings.data_disk), print_output=False,
+    ok, output = host.run_shell_command(record_command(), print_output=False,
                                         **{**arguments, "_timeout": PREPARE_TIMEOUT})
     try:
-        facts, device, secrets_text = parse_prepare_output(output.stdout_lines, settings.data_disk)
-    except (ValueError, KeyError) as error:
+        expected = parse_record(output.stdout_lines) if ok else None
+    except ValueError as error:
+        return verify.error_report(name, f"{name}: {error}")
+    if not ok:
         last = (output.stderr_lines or ["no output"])[-1]
-        return verify.error_report(name, f"reading {name}'s facts failed ({error}; {last})")
-    if settings.data_disk and not (device or {}).get("exists"):
-        return verify.error_report(name, f"data disk {settings.data_disk} does not exist on {name}")
-    try:
-        plan = host_plan(settings, facts, device)
-    except PlanError as error:
-        return verify.error_report(name, f"no plan for {name}: {str(error).rstrip('.')}")
-    expected = expected_for(plan, secrets_text, name)
-    del secrets_text
-    paths = sorted(expected["files"] or {}) or expected.get("paths", [])
+        return verify.error_report(name, f"reading {name}'s plan of record failed ({last.strip()[:200]})")
+    if expected is None:
+        return verify.error_report(name, f"{name} has no plan of record ({PLAN_OF_RECORD}): no stack was "
+                                         "deployed there; run the deploy first")
+    paths = sorted(expected["files"])
 
     source = Path(sampler_module.__file__).read_text()
     try:
@@ -258,13 +210,7 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
     except (IndexError, ValueError):
         last = (output.stderr_lines or ["no output"])[-1]
         return verify.error_report(name, f"the sampler on {name} printed no result ({last.strip()[:200]})")
-    report = verify.evaluate(samples, expected, host=name, strict=options.strict)
-    if expected.get("files") is None:
-        missing = [path for path in paths if (samples.get("files") or {}).get(path) is None]
-        if missing and report["verdict"] != "error":
-            report["findings"].append({"severity": "info", "kind": "config_missing", "service": None,
-                                       "message": f"missing on the host: {', '.join(missing)}"})
-    return report
+    return verify.evaluate(samples, expected, host=name, strict=options.strict)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""A stand-in for the `docker` command in verify's tests: answers ps, inspect, exec and events
+from the JSON state file named by its first argument (written by tests/fake_host.py)."""
+import json, os, sys, time
+state_path = sys.argv[1]
+args = sys.argv[2:]
+state = json.load(open(state_path))
+if state.get("docker_error"):
+    print(state["docker_error"], file=sys.stderr)
+    sys.exit(1)
+command = args[0]
+if command == "ps":
+    print("\n".join(c["Id"] for c in state["containers"]))
+elif command == "inspect":
+    counter = state_path + ".inspects"
+    n = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(n + 1))
+    views = state["containers"] if n == 0 else state.get("containers_end", state["containers"])
+    print(json.dumps([c for c in views if c["Id"] in args[1:]]))
+elif command == "exec":
+    cid, rest = args[1], args[2:]
+    kind = {"sh": "redis", "psql": "psql", "python3": "python3"}[rest[0]]
+    time.sleep(state.get("exec_sleep", 0))
+    answer = state["exec"].get(cid, {}).get(kind)
+    if answer is None:
+        print("OCI runtime exec failed: executable file not found", file=sys.stderr)
+        sys.exit(126)
+    if kind == "redis" and "CONFIG" not in rest[-1]:
+        answer = answer.split("@@INFO@@", 1)[-1]
+        answer = "@@INFO@@" + state.get("redis_info_end", {}).get(cid, answer)
+    print(answer)
+elif command == "events":
+    for event in state.get("events", []):
+        print(json.dumps(event))
+else:
+    sys.exit(2)

@@ -1,0 +1,95 @@
+"""The settings table (edgefit/settings.py): every edgefit_* setting declared once, checked up
+front, documented in group_data/all.py with the same default, and refused in one sentence."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from edgefit.settings import BY_NAME, SETTINGS, SettingsError, check_values, read_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def group_data_defaults() -> dict:
+    tree = ast.parse((REPO / "group_data" / "all.py").read_text())
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.startswith("edgefit_"):
+                values[name] = ast.literal_eval(node.value)
+    return values
+
+
+def test_group_data_documents_every_setting_with_the_tables_default():
+    documented = group_data_defaults()
+    assert set(documented) == set(BY_NAME), "group_data/all.py and edgefit/settings.py list different settings"
+    for setting in SETTINGS:
+        want = setting.default
+        got = documented[setting.name]
+        if isinstance(want, frozenset):
+            got = frozenset(got)
+        assert got == want, f"{setting.name}: group_data/all.py says {got!r}, the table {want!r}"
+        assert setting.doc and setting.kind, setting.name
+
+
+def test_group_data_defaults_pass_their_own_checks():
+    settings = read_settings(group_data_defaults())
+    assert settings.options.data_root == "/srv/dify" and settings.health_timeout_s == 900
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"edgefit_witout": ["sandbox"]}, ["edgefit_witout is not an edgefit setting", "did you mean edgefit_without?"]),
+    ({"edgefit_vector_stor": "qdrant"}, ["did you mean edgefit_vector_store?"]),
+    ({"edgefit_images": ["x"]}, ["edgefit_images must be a mapping of service to image reference"]),
+    ({"edgefit_without": 5}, ["edgefit_without must be a list of service names"]),
+    ({"edgefit_health_timeout": "abc"}, ["edgefit_health_timeout must be a whole number between 30 and 7200"]),
+    ({"edgefit_health_timeout": 5}, ["edgefit_health_timeout must be between 30 and 7200, got 5"]),
+    ({"edgefit_data_disk_format": "no"}, ["edgefit_data_disk_format must be True or False, got 'no'"]),
+    ({"edgefit_verify_timer": "yes"}, ["edgefit_verify_timer must be True or False"]),
+    ({"edgefit_verify_timer_every": "1h; rm -rf /"}, ["edgefit_verify_timer_every", "systemd time span"]),
+    ({"edgefit_verify_timer_every": "10s"}, ["from 1min to 24h"]),
+    ({"edgefit_size_override": {"cpus": "two", "memory": "4G"}}, ["edgefit_size_override", "expected"]),
+    ({"edgefit_data_root": "/srv/$(touch pwned)"}, ["edgefit_data_root", "letters, digits"]),
+    ({"edgefit_data_root": "/srv/dify\nprivileged: true"}, ["edgefit_data_root"]),
+    ({"edgefit_data_root": "/srv/../etc"}, ["edgefit_data_root", "without .."]),
+    ({"edgefit_data_root": "/var/lib/docker/x"}, ["inside /var/lib/docker"]),
+    ({"edgefit_data_root": "/boot"}, ["inside /boot"]),
+    ({"edgefit_domain": "x; } server { autoindex on; } #"}, ["edgefit_domain", "is not a host name"]),
+    ({"edgefit_docker_apt_mirror": "http://mirror.lan/docker"}, ["edgefit_docker_apt_mirror", "https://"]),
+    ({"edgefit_docker_apt_mirror": "https://mirror.lan/$(id)"}, ["edgefit_docker_apt_mirror"]),
+    ({"edgefit_data_disk": "/dev/vdb; reboot"}, ["edgefit_data_disk", "device path"]),
+    ({"edgefit_image_tarball": "/nonexistent/images.tar"}, ["edgefit_image_tarball", "does not exist"]),
+    ({"edgefit_without": ["db"]}, ["cannot leave out db"]),
+])
+def test_bad_settings_are_refused_in_one_sentence_naming_the_setting(data, words):
+    with pytest.raises(SettingsError) as caught:
+        read_settings(data)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_every_problem_is_named_at_once():
+    with pytest.raises(SettingsError) as caught:
+        check_values({"edgefit_witout": [], "edgefit_health_timeout": 1})
+    assert "edgefit_witout" in str(caught.value) and "edgefit_health_timeout" in str(caught.value)
+
+
+def test_good_values_come_out_clean():
+    settings = read_settings({"edgefit_without": "sandbox, ssrf_proxy", "edgefit_domain": "Dify.Example.NET.",
+                              "edgefit_data_root": "/srv/dify/", "edgefit_verify_timer": True,
+                              "edgefit_size_override": {"cpus": 2, "memory": "4G"},
+                              "edgefit_docker_apt_mirror": "https://mirror.lan/docker/"})
+    assert settings.options.without == {"sandbox", "ssrf_proxy"}
+    assert settings.options.domain == "dify.example.net" and settings.options.data_root == "/srv/dify"
+    assert settings.options.verify_timer_every == "5min" and settings.size_override == (2, 4096)
+    assert settings.docker_apt_mirror == "https://mirror.lan/docker"
+
+
+def test_non_edgefit_keys_are_left_to_pyinfra():
+    read_settings({"ssh_user": "root", "_sudo": True, "vagrant_host": {}})
