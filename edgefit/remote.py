@@ -10,7 +10,7 @@ connector (paramiko underneath). Per host, in two commands over one connection:
 2. sampler.py, sent on stdin to `python3 -`, which watches the stack for --window seconds,
    hashes the recorded files and prints one JSON document.
 
-verify.evaluate() then judges the samples against the record, and names any change of the host
+judge.evaluate() then judges the samples against the record, and names any change of the host
 (memory, cores) since the deploy as a warning. Every wait is bounded: the connection by
 CONNECT_TIMEOUT, each command by pyinfra's _timeout, each host by a gevent.Timeout.
 """
@@ -33,7 +33,8 @@ from pathlib import Path
 import gevent
 
 from edgefit import sampler as sampler_module
-from edgefit import verify
+from edgefit import judge
+from edgefit import report as reporting
 from edgefit.render import PLAN_OF_RECORD, PLAN_OF_RECORD_SCHEMA
 
 NO_RECORD = "@@EDGEFIT-NO-PLAN-OF-RECORD@@"
@@ -162,9 +163,9 @@ def check_host(state, host, options: VerifyOptions) -> dict:
         with gevent.Timeout(bound):
             report = _check_host(state, host, options)
     except gevent.Timeout:
-        report = verify.error_report(name, f"{name} did not finish within {bound:g}s")
+        report = judge.error_report(name, f"{name} did not finish within {bound:g}s")
     except Exception as error:  # one sentence per host, never a traceback
-        report = verify.error_report(name, f"{type(error).__name__}: {error}")
+        report = judge.error_report(name, f"{type(error).__name__}: {error}")
     report["elapsed_s"] = round(time.monotonic() - began, 2)
     return report
 
@@ -177,7 +178,7 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
         host.connect(show_errors=False, raise_exceptions=True)
     except ConnectError as error:
         reason = error.args[0] if error.args else "connection failed"
-        return verify.error_report(name, f"{name} is unreachable: {reason}")
+        return judge.error_report(name, f"{name} is unreachable: {reason}")
     arguments = _executor_arguments(state, host)
 
     ok, output = host.run_shell_command(record_command(), print_output=False,
@@ -185,12 +186,12 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
     try:
         expected = parse_record(output.stdout_lines) if ok else None
     except ValueError as error:
-        return verify.error_report(name, f"{name}: {error}")
+        return judge.error_report(name, f"{name}: {error}")
     if not ok:
         last = (output.stderr_lines or ["no output"])[-1]
-        return verify.error_report(name, f"reading {name}'s plan of record failed ({last.strip()[:200]})")
+        return judge.error_report(name, f"reading {name}'s plan of record failed ({last.strip()[:200]})")
     if expected is None:
-        return verify.error_report(name, f"{name} has no plan of record ({PLAN_OF_RECORD}): no stack was "
+        return judge.error_report(name, f"{name} has no plan of record ({PLAN_OF_RECORD}): no stack was "
                                          "deployed there; run the deploy first")
     paths = sorted(expected["files"])
 
@@ -200,17 +201,17 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
             sampler_command(options, paths), print_output=False,
             **{**arguments, "_stdin": source, "_timeout": int(options.window + SAMPLER_SLACK)})
     except TimeoutError:
-        return verify.error_report(name, f"the sampler on {name} did not finish within "
+        return judge.error_report(name, f"the sampler on {name} did not finish within "
                                          f"{options.window + SAMPLER_SLACK:g}s")
     stdout = [line for line in output.stdout_lines if line.strip()]
     if stdout and stdout[-1].strip() == NO_PYTHON:
-        return verify.error_report(name, f"python3 is not installed on {name} (the sampler needs it)")
+        return judge.error_report(name, f"python3 is not installed on {name} (the sampler needs it)")
     try:
         samples = json.loads(stdout[-1])
     except (IndexError, ValueError):
         last = (output.stderr_lines or ["no output"])[-1]
-        return verify.error_report(name, f"the sampler on {name} printed no result ({last.strip()[:200]})")
-    return verify.evaluate(samples, expected, host=name, strict=options.strict)
+        return judge.error_report(name, f"the sampler on {name} printed no result ({last.strip()[:200]})")
+    return judge.evaluate(samples, expected, host=name, strict=options.strict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def run_verify(inventory: str, limits: list[str] | None, options: VerifyOptions,
             reports.append(greenlet.value)
         else:
             greenlet.kill(block=False)
-            reports.append(verify.error_report(host.name, f"{host.name} did not finish within {bound:g}s"))
+            reports.append(judge.error_report(host.name, f"{host.name} did not finish within {bound:g}s"))
     for host in hosts:
         if host.connected:
             try:
@@ -240,12 +241,12 @@ def run_verify(inventory: str, limits: list[str] | None, options: VerifyOptions,
             except (gevent.Timeout, Exception):  # closing is best effort
                 pass
 
-    code, headline = verify.overall(reports)
+    code, headline = reporting.overall(reports)
     elapsed = round(time.monotonic() - started, 2)
     print(headline, file=out)
     for report in reports:
         print("", file=out)
-        print(verify.format_report(report), file=out)
+        print(reporting.format_report(report), file=out)
     if json_file:
         document = {"verdict": {0: "ok", 1: "fail", 2: "error"}[code], "exit_code": code, "summary": headline,
                     "window_s": options.window, "elapsed_s": elapsed, "hosts": reports}

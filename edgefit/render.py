@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jinja2
 
-from edgefit import verify
+from edgefit.expectations import expectations
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
 from edgefit.secrets import Secrets
@@ -34,7 +34,8 @@ SYSCTL_CONF = "/etc/sysctl.d/90-edgefit.conf"
 JOURNALD_CONF = "/etc/systemd/journald.conf.d/90-edgefit.conf"
 THP_UNIT = "/etc/systemd/system/edgefit-thp.service"
 DOCKER_DATA_DISK_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf"
-VERIFY_LIB_DIR = "/usr/local/lib/edgefit"  # the verify timer runs sampler.py and verify.py from here
+VERIFY_LIB_DIR = "/usr/local/lib/edgefit"  # the verify timer's standard-library modules, as edgefit/*.py
+VERIFY_MODULES = ("sampler.py", "expectations.py", "judge.py", "report.py", "verify_host.py")
 VERIFY_SERVICE = "/etc/systemd/system/edgefit-verify.service"
 VERIFY_TIMER = "/etc/systemd/system/edgefit-verify.timer"
 VERIFY_REPORT = "/var/lib/edgefit/verify-last.json"
@@ -146,12 +147,12 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
 
 
 def _verify_timer_files(render, every: str) -> list[StackFile]:
-    """`edgefit verify` on the host itself: the two standard-library modules and the units."""
+    """`edgefit verify` on the host itself: its standard-library modules and the units."""
     units = {"lib_dir": VERIFY_LIB_DIR, "expect_path": PLAN_OF_RECORD, "report_path": VERIFY_REPORT,
              "window": VERIFY_TIMER_WINDOW_S, "interval": VERIFY_TIMER_INTERVAL_S,
              "since": verify_timer_since_s(every), "every": every}
     return [
-        *(StackFile(f"{VERIFY_LIB_DIR}/{name}", (MODULES_DIR / name).read_text()) for name in ("sampler.py", "verify.py")),
+        *(StackFile(f"{VERIFY_LIB_DIR}/edgefit/{name}", (MODULES_DIR / name).read_text()) for name in VERIFY_MODULES),
         StackFile(VERIFY_SERVICE, render("edgefit-verify.service.j2", **units), systemd_unit=True),
         StackFile(VERIFY_TIMER, render("edgefit-verify.timer.j2", **units), systemd_unit=True),
     ]
@@ -162,7 +163,7 @@ def plan_of_record(plan: Plan, files: list[StackFile]) -> str:
     the expectations verify judges by (limits, settings, the sha256 of every other file). No
     secret value; deterministic, so an unchanged plan uploads nothing."""
     record = {"schema": PLAN_OF_RECORD_SCHEMA, "plan": plan.to_dict(),
-              "expect": verify.expectations(plan, files)}
+              "expect": expectations(plan, files)}
     return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 

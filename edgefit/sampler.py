@@ -5,7 +5,7 @@
 verify timer runs it from /usr/local/lib/edgefit/. It only reads: cgroup v2 files, /proc,
 `docker ps/inspect/events`, and a few `docker exec` queries (Redis CONFIG GET and INFO,
 Postgres pg_settings, the GC thresholds of a fresh Python process with the container's env).
-It compares nothing: edgefit/verify.py judges the samples against the plan.
+It compares nothing: edgefit/judge.py judges the samples against the plan of record.
 
 Standard library only, plus psutil when present (Debian: python3-psutil), which is the
 fallback where a container's cgroup files cannot be read. Every subprocess has a timeout and

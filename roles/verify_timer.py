@@ -1,8 +1,8 @@
 """Role "verify_timer": `edgefit verify` on the host itself every few minutes (opt-in).
 
-With host data edgefit_verify_timer = True, render.py adds sampler.py and verify.py (standard
-library only, in /usr/local/lib/edgefit/) and the systemd service and timer to the rendered
-files; this role puts them up and keeps the timer running. The timer judges the stack against
+With host data edgefit_verify_timer = True, render.py adds verify's standard-library modules
+(sampler.py, judge.py, ... in /usr/local/lib/edgefit/edgefit/) and the systemd service and timer
+to the rendered files; this role puts them up and keeps the timer running. The timer judges the stack against
 the plan of record (/etc/edgefit/plan.json) and logs a verdict to the journal. Turned off
 again, the next deploy stops and removes the timer. Unchanged, it changes nothing.
 """

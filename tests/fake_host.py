@@ -1,20 +1,20 @@
 """A fake host for verify's tests: FakeHost(tmp_path, plan, secrets) builds a healthy stack shaped from a real Plan: a cgroup v2
 tree, a /proc, the rendered files on disk and a fake `docker` command (every container at ~40 %
 of its budget, limits and settings as planned). A test breaks one thing and runs the real
-sampler against it in-process (a fraction of a second), then verify.evaluate(). The fake
+sampler against it in-process (a fraction of a second), then judge.evaluate(). The fake
 `docker` command is a real file (tests/fake_docker.py) that answers from a JSON state file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgefit import sampler, verify
+from edgefit import judge, sampler
+from edgefit.expectations import expectations
 from edgefit.render import render_stack
 
 MIB = 1024 * 1024
@@ -53,7 +53,7 @@ class FakeHost:
         self.state_path = tmp_path / "docker-state.json"
         self.docker_path = FAKE_DOCKER
         self.rendered = render_stack(plan, secrets)
-        self.expected = verify.expectations(plan, self.rendered, root=self.root)
+        self.expected = expectations(plan, self.rendered, root=self.root)
         self.now = time.time()
 
         # The rendered files where the deploy puts them, under root.
@@ -159,7 +159,7 @@ class FakeHost:
     # -- running the sampler and the judgement
     def sampler_args(self, window: float = 0.3, interval: float = 0.1, exec_timeout: float = 5.0) -> list[str]:
         args = ["--window", str(window), "--interval", str(interval), "--cgroup-root", str(self.cgroup),
-                "--proc-root", str(self.proc), "--stack-dir", self.root + verify.STACK_DIR,
+                "--proc-root", str(self.proc), "--stack-dir", self.root + judge.STACK_DIR,
                 "--docker", f"{sys.executable} {self.docker_path} {self.state_path}",
                 "--exec-timeout", str(exec_timeout)]
         for path in sorted(self.expected["files"]):
@@ -171,7 +171,7 @@ class FakeHost:
         return sampler.Sampler(sampler.parse_args(self.sampler_args(**kwargs))).main()
 
     def judge(self, strict: bool = False, **kwargs) -> dict:
-        return verify.evaluate(self.sample(**kwargs), self.expected, host="fake", strict=strict)
+        return judge.evaluate(self.sample(**kwargs), self.expected, host="fake", strict=strict)
 
     def record_text(self) -> str:
         """The plan of record as the deploy wrote it (under root)."""

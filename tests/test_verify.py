@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefit import sampler, verify
+from edgefit import judge, sampler, verify_host
+from edgefit import report as reporting
 from edgefit.plan import HostSize, Options, make_plan
 from edgefit.secrets import Secrets
 from tests.fake_host import MIB, FakeHost, docker_time
@@ -82,7 +83,7 @@ def test_the_sampler_finds_cgroups_by_either_driver_path_without_proc(fake):
     by_service = {c["start"]["service"]: c for c in samples["containers"]}
     assert by_service["api"]["cgroup"] == str(cgroupfs)
     assert by_service["web"]["cgroup"].endswith(f"system.slice/docker-{fake.container('web')['Id']}.scope")
-    assert verify.evaluate(samples, fake.expected)["verdict"] == "ok"
+    assert judge.evaluate(samples, fake.expected)["verdict"] == "ok"
 
 
 def test_without_cgroup_files_psutil_sums_the_containers_processes(fake):
@@ -95,7 +96,7 @@ def test_without_cgroup_files_psutil_sums_the_containers_processes(fake):
     assert record["source"] == "psutil" and record["cgroup"] is None
     own_rss = psutil.Process().memory_info().rss
     assert record["samples"][-1]["current"] >= own_rss * 0.8
-    report = verify.evaluate(samples, fake.expected)
+    report = judge.evaluate(samples, fake.expected)
     assert row(report, "api")["now_mib"] >= own_rss * 0.8 / MIB
     # The limit comes from docker's HostConfig when the cgroup cannot be read.
     assert row(report, "api")["actual_limit_mib"] == fake.plan.services["api"].mem_limit_mib
@@ -216,9 +217,9 @@ def test_postgres_settings_that_differ_fail_and_unit_rounding_does_not(fake, pla
     # A setting Postgres rounds to its unit (wal_buffers in 8 kB pages) is not drift.
     fake.set_postgres({})
     fake.expected["postgres"]["wal_buffers"] += 4096
-    assert not fails(verify.evaluate(fake.sample(), fake.expected))
+    assert not fails(judge.evaluate(fake.sample(), fake.expected))
     fake.expected["postgres"]["wal_buffers"] += 8192
-    assert [f["message"].split()[1] for f in fails(verify.evaluate(fake.sample(), fake.expected))] == ["wal_buffers"]
+    assert [f["message"].split()[1] for f in fails(judge.evaluate(fake.sample(), fake.expected))] == ["wal_buffers"]
 
 
 def test_gc_thresholds_not_in_effect_fail(fake):
@@ -246,7 +247,7 @@ def test_the_data_disk_drop_in_and_the_timer_units_are_checked_for_drift(tmp_pat
     assert fake.judge()["verdict"] == "ok"
     drop_in = Path(fake.root + "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf")
     timer = Path(fake.root + "/etc/systemd/system/edgefit-verify.timer")
-    module = Path(fake.root + "/usr/local/lib/edgefit/verify.py")
+    module = Path(fake.root + "/usr/local/lib/edgefit/edgefit/judge.py")
     drop_in.write_text(drop_in.read_text().replace("RequiresMountsFor", "# RequiresMountsFor"))
     timer.write_text(timer.read_text().replace("OnUnitActiveSec=5min", "OnUnitActiveSec=1h"))
     module.write_text(module.read_text() + "\n# edited\n")
@@ -292,7 +293,7 @@ def test_a_service_pinned_at_100_percent_cpu_is_flagged(fake):
     api = next(c for c in samples["containers"] if c["start"]["service"] == "api")
     first, last = api["samples"][0], api["samples"][-1]
     last["cpu_usec"] = first["cpu_usec"] + int((last["t"] - first["t"]) * 1_000_000 * 0.99)
-    report = verify.evaluate(samples, fake.expected)
+    report = judge.evaluate(samples, fake.expected)
     pinned = warns(report, "cpu_pinned")
     assert [f["service"] for f in pinned] == ["api"] and "99 % CPU" in pinned[0]["message"]
     assert row(report, "api")["cpu_pct"] == pytest.approx(99, abs=0.5)
@@ -329,7 +330,7 @@ def test_docker_not_answering_is_an_error_and_the_sampler_returns_at_once(fake):
     started = time.monotonic()
     samples = fake.sample(window=5, interval=1)
     assert time.monotonic() - started < 2  # no window to watch without docker
-    report = verify.evaluate(samples, fake.expected, host="h")
+    report = judge.evaluate(samples, fake.expected, host="h")
     assert report["exit_code"] == 2 and "Cannot connect to the Docker daemon" in report["summary"]
 
 
@@ -341,7 +342,7 @@ def test_the_sampler_stays_bounded_when_docker_exec_hangs(fake):
     assert elapsed < 0.5 + 1.0 + 1.5, elapsed
     # Checks start with the window, so each may use the window (0.5 s) plus one exec timeout.
     assert samples["checks"]["gc"]["api"] == {"error": "timed out after 1.5s"}
-    report = verify.evaluate(samples, fake.expected)
+    report = judge.evaluate(samples, fake.expected)
     assert report["verdict"] == "ok"  # checks that did not answer are warnings, named
     assert any("api's GC thresholds: timed out" in f["message"] for f in warns(report, "check_failed"))
 
@@ -359,7 +360,7 @@ def test_the_sampler_runs_as_a_stdin_script_with_the_standard_library_only(fake,
     samples = json.loads(lines[0])
     assert samples["elapsed_s"] < 1 + 3 and time.monotonic() - started < 1 + 5
     assert len(samples["host"]["samples"]) == 3  # t = 0, 0.5, 1
-    assert verify.evaluate(samples, fake.expected)["verdict"] == "ok"
+    assert judge.evaluate(samples, fake.expected)["verdict"] == "ok"
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def test_the_table_puts_the_verdict_on_top_and_a_row_per_service(fake, plan):
     fake.write("api", "memory.max", "max")
     report = fake.judge()
     report["host"] = "edge-small"
-    text = verify.format_report(report)
+    text = reporting.format_report(report)
     lines = text.splitlines()
     assert lines[0].startswith("edge-small: FAIL: 1 problem: api runs without a memory limit")
     header = next(i for i, line in enumerate(lines) if line.split()[:6] == ["service", "limit", "now", "peak", "budget", "cpu"])
@@ -383,16 +384,16 @@ def test_overall_exit_code_fail_beats_could_not_check():
     ok = {"verdict": "ok"}
     fail = {"verdict": "fail"}
     error = {"verdict": "error"}
-    assert verify.overall([ok, ok])[0] == 0
-    assert verify.overall([ok, fail])[0] == 1
-    assert verify.overall([ok, error]) == (2, "edgefit verify: COULD NOT CHECK: 2 hosts: 1 ok, 1 not checked")
-    assert verify.overall([fail, error, ok])[0] == 1
+    assert reporting.overall([ok, ok])[0] == 0
+    assert reporting.overall([ok, fail])[0] == 1
+    assert reporting.overall([ok, error]) == (2, "edgefit verify: COULD NOT CHECK: 2 hosts: 1 ok, 1 not checked")
+    assert reporting.overall([fail, error, ok])[0] == 1
 
 
 def test_reports_and_expectations_are_json_and_never_hold_a_secret(fake, secrets):
     fake.write("api", "memory.max", "max")
     report = fake.judge()
-    text = json.dumps(report) + json.dumps(fake.expected) + verify.format_report(report)
+    text = json.dumps(report) + json.dumps(fake.expected) + reporting.format_report(report)
     for value in vars(secrets).values():
         assert value not in text
     assert json.loads(json.dumps(report))["rows"] == report["rows"]
@@ -406,16 +407,16 @@ def test_verify_py_runs_on_a_host_against_saved_expectations(fake, tmp_path, cap
     out = tmp_path / "last.json"
     fake.save()
     extra = shlex.join(["--cgroup-root", str(fake.cgroup), "--proc-root", str(fake.proc),
-                        "--stack-dir", fake.root + verify.STACK_DIR,
+                        "--stack-dir", fake.root + judge.STACK_DIR,
                         "--docker", f"{sys.executable} {fake.docker_path} {fake.state_path}"])
     argv = ["--expect", str(expect), "--sampler", sampler.__file__, "--window", "0.3", "--interval", "0.1",
             "--json-out", str(out), "--host", "fake", "--sampler-args", extra]
-    assert verify.main(argv) == 0
+    assert verify_host.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("OK: healthy and within budget") and "api=" in printed
     assert json.loads(out.read_text())["verdict"] == "ok"
     fake.set_redis("redis", 0, "allkeys-lru")
     fake.save()
-    assert verify.main(argv) == 1
+    assert verify_host.main(argv) == 1
     printed = capsys.readouterr().out
     assert "FAIL redis maxmemory is 0 (unbounded)" in printed

@@ -22,7 +22,8 @@ def test_the_timer_units_render_and_pass_systemd_analyze(tmp_path):
     units = {Path(f.dest).name: f.content for f in render_stack(plan, Secrets.generate())
              if f.dest.startswith("/etc/systemd/system/edgefit-verify")}
     service, timer = units["edgefit-verify.service"], units["edgefit-verify.timer"]
-    assert "--events-since 1800" in service and "/usr/local/lib/edgefit/verify.py" in service
+    assert "--events-since 1800" in service and "-m edgefit.verify_host" in service
+    assert "Environment=PYTHONPATH=/usr/local/lib/edgefit" in service
     assert "--expect /etc/edgefit/plan.json" in service
     assert "OnUnitActiveSec=10min" in timer and "WantedBy=timers.target" in timer
     off = render_stack(make_plan(HostSize(2, 4096)), Secrets.generate())

@@ -1,9 +1,8 @@
-"""Judge one host's samples against its plan: findings, a verdict, a table and JSON.
+"""Judge one host's samples against its plan of record: findings and a verdict.
 
-Pure and standard-library only: no I/O in evaluate(), and no import of the rest of edgefit, so
-the verify timer can run this very file on a host (`python3 verify.py --expect FILE`, see
-main() below) next to sampler.py. The deploy writes expectations() into the plan of record
-(edgefit/render.py); the control side (edgefit/remote.py) and the timer read them from there.
+Pure and standard-library only (no I/O in evaluate(), no import of the rest of edgefit but its
+standard-library siblings), so the verify timer runs it on the host next to sampler.py.
+limit_drift() is the one definition of a container's limit drift.
 
 Severities: "fail" (the host is unhealthy or off its plan: exit 1), "warn" (worth a look, exit 0
 unless --strict), "info". A host that could not be checked at all has verdict "error" (exit 2).
@@ -11,15 +10,9 @@ unless --strict), "info". A host that could not be checked at all has verdict "e
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import os
 import re
-import shlex
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 MIB = 1024 * 1024
@@ -32,60 +25,7 @@ PSI_SOME_AVG60 = 20.0
 BROKER_FULL, BROKER_NEAR = 0.95, 0.80  # used_memory / maxmemory of a noeviction Redis
 STATE_ORDER = ["missing", "exited", "restarting", "OOM-killed", "no limit", "over budget", "unhealthy",
                "limit drift", "restarted", "near limit", "cpu pinned", "starting", "not in plan", "ok"]
-STACK_DIR = "/opt/edgefit"
-
-
-# ---------------------------------------------------------------------------------------------
-# Expectations: what the plan says, in the units the samples come in
-
-def postgres_expected(postgres) -> dict:
-    """Plan values in the canonical units of canonical_pg(): bytes, milliseconds, plain values."""
-    return {
-        "max_connections": postgres.max_connections,
-        "superuser_reserved_connections": postgres.superuser_reserved_connections,
-        "shared_buffers": postgres.shared_buffers_mib * MIB,
-        "effective_cache_size": postgres.effective_cache_size_mib * MIB,
-        "maintenance_work_mem": postgres.maintenance_work_mem_mib * MIB,
-        "work_mem": postgres.work_mem_mib * MIB,
-        "wal_buffers": postgres.wal_buffers_kib * 1024,
-        "min_wal_size": postgres.min_wal_size_mib * MIB,
-        "max_wal_size": postgres.max_wal_size_mib * MIB,
-        "max_worker_processes": postgres.max_worker_processes,
-        "max_parallel_workers": postgres.max_parallel_workers,
-        "max_parallel_workers_per_gather": postgres.max_parallel_workers_per_gather,
-        "max_parallel_maintenance_workers": postgres.max_parallel_maintenance_workers,
-        "huge_pages": postgres.huge_pages,
-        "idle_in_transaction_session_timeout": postgres.idle_in_transaction_session_timeout_s * 1000,
-    }
-
-
-def expectations(plan, rendered, *, root: str = "") -> dict:
-    """plan: edgefit.plan.Plan; rendered: render_stack()'s files (each with .dest and .content).
-    root prefixes every destination (a test tree). The deploy writes this into the plan of
-    record; verify and the timer judge by it."""
-    files = {root + f.dest: hashlib.sha256(f.content.encode()).hexdigest() for f in rendered}
-    reported = getattr(plan, "reported_host", None) or plan.host
-    python_services = [name for name in ("api", "worker", "worker_beat") if name in plan.services]
-    return {
-        "schema": 1,
-        "host": {"cpus": plan.host.cpus, "memory_mib": plan.host.memory_mib, "disk_gib": plan.host.disk_gib},
-        # what the host itself reported at deploy time (the plan may be for an override size)
-        "reported_host": {"cpus": reported.cpus, "memory_mib": reported.memory_mib, "disk_gib": reported.disk_gib},
-        "preset": plan.preset,
-        "reserve_mib": plan.reserve_mib,
-        "total_mem_limit_mib": plan.total_mem_limit_mib,
-        "services": {name: {"mem_limit_mib": service.mem_limit_mib, "cpus": service.cpus}
-                     for name, service in plan.services.items()},
-        "redis": {
-            "redis": {"maxmemory_bytes": plan.redis.maxmemory_mib * MIB, "policy": plan.redis.maxmemory_policy},
-            "redis_broker": {"maxmemory_bytes": plan.redis_broker.maxmemory_mib * MIB,
-                             "policy": plan.redis_broker.maxmemory_policy},
-        },
-        "postgres": postgres_expected(plan.postgres),
-        "gc_threshold": list(plan.dify.gc_threshold),
-        "gc_services": python_services,
-        "files": files,
-    }
+STACK_DIR = "/opt/edgefit"  # where the deploy puts docker-compose.yml (edgefit/render.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +137,6 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
     findings = Findings()
     window = float(samples.get("window_s") or 0)
     ended = float(samples.get("ended") or samples.get("started") or time.time())
-    started = float(samples.get("started") or ended)
     events_since = ended - float(samples.get("events_since_s") or 3600)
     lookback_text = seconds_text(float(samples.get("events_since_s") or 3600))
     host_samples = (samples.get("host") or {}).get("samples") or []
@@ -213,6 +152,7 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
         records.sort(key=lambda r: not _container_states(r)[1].get("running"))
 
     events = samples.get("events") or []
+    judged_window = Window(window, events, events_since, lookback_text, swap_total_kib)
     rows = []
     for service in list(planned) + sorted(set(by_service) - set(planned)):
         plan_service = planned.get(service)
@@ -226,8 +166,7 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
         for extra in records[1:]:
             findings.add("warn", "duplicate", f"{service}: another container {extra['start'].get('name')} "
                                               f"({extra['start'].get('status')}) belongs to it", service)
-        rows.append(_judge_container(service, record, plan_service, findings, events, window, started, ended,
-                                     events_since, lookback_text, swap_total_kib))
+        rows.append(_judge_container(service, record, plan_service, findings, judged_window))
 
     host_figures = _judge_host(samples, expected, rows, findings)
     _judge_host_change(samples, expected, findings)
@@ -264,21 +203,43 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
     }
 
 
-def _judge_container(service, record, plan_service, findings, events, window, started, ended,
-                     events_since, lookback_text, swap_total_kib) -> dict:
+@dataclass(frozen=True)
+class Window:
+    """What every container is judged within: the sampling window and the events lookback."""
+
+    seconds: float
+    events: list
+    events_since: float  # epoch seconds: OOM kills and exits after this count
+    lookback_text: str
+    swap_total_kib: int
+
+
+def _judge_container(service, record, plan_service, findings, window: Window) -> dict:
     start, end = _container_states(record)
     name = end.get("name") or start.get("name")
-    states = []
+    states: list[str] = []
     row = {"service": service, "container": name, "limit_mib": plan_service["mem_limit_mib"] if plan_service else None,
            "source": record.get("source"), "restart_count": end.get("restart_count"),
            "health": (end.get("health") or {}).get("status")}
-    cg_start, cg_end = record.get("cgroup_start") or {}, record.get("cgroup_end") or {}
-
     if plan_service is None:
         findings.add("warn", "unplanned", f"{service} ({name}) runs but is not in this host's plan", service)
         states.append("not in plan")
+    _judge_running(service, start, end, window, findings, states)
+    _judge_health(service, end, findings, states)
+    _judge_oom(service, record, window, findings, states)
+    series = record.get("samples") or []
+    if not series:
+        if end.get("running"):
+            findings.add("warn", "no_figures", f"{service}: no memory figures (no cgroup files and no psutil)", service)
+    else:
+        row.update(memory_figures(record))
+        _judge_limits(service, record, plan_service, row, window, findings, states)
+        _judge_cpu(service, plan_service, row, findings, states)
+    row["states"] = states
+    return row
 
-    # -- running, restarts, health
+
+def _judge_running(service, start, end, window: Window, findings, states) -> None:
     if not end.get("running"):
         status = end.get("status") or "not running"
         code = end.get("exit_code")
@@ -289,10 +250,13 @@ def _judge_container(service, record, plan_service, findings, events, window, st
                         and start.get("pid") != end.get("pid")):
         states.append("restarted")
         findings.add("fail", "restart", f"{service} restarted {max(restarts, 1)} time(s) during the "
-                                        f"{window:g}s window", service)
+                                        f"{window.seconds:g}s window", service)
     elif (end.get("restart_count") or 0) > 0:
         findings.add("info", "restart_count", f"{service} has been restarted {end['restart_count']} time(s) "
                                               "since it was created", service)
+
+
+def _judge_health(service, end, findings, states) -> None:
     health = end.get("health") or {}
     if health.get("status") == "unhealthy":
         states.append("unhealthy")
@@ -307,24 +271,28 @@ def _judge_container(service, record, plan_service, findings, events, window, st
         findings.add("warn", "health", f"{service}'s healthcheck failed its last {health['failing_streak']} "
                                        "run(s) but it is still counted healthy", service)
 
-    # -- OOM kills: docker's events, its last exit, and the cgroup's own counter
+
+def _judge_oom(service, record, window: Window, findings, states) -> None:
+    """OOM kills from three witnesses: docker's events, its last exit, and the cgroup's counter."""
+    start, end = _container_states(record)
+    cg_start, cg_end = record.get("cgroup_start") or {}, record.get("cgroup_end") or {}
     ids = {start.get("id"), end.get("id")}
-    oom_events = [e for e in events if e.get("action") == "oom" and (e.get("id") in ids or e.get("service") == service)]
-    die_events = [e for e in events if e.get("action") == "die" and e.get("id") in ids
+    oom_events = [e for e in window.events if e.get("action") == "oom" and (e.get("id") in ids or e.get("service") == service)]
+    die_events = [e for e in window.events if e.get("action") == "die" and e.get("id") in ids
                   and e.get("exit_code") not in (None, 0, 143)]
     finished = parse_docker_time(end.get("finished_at"))
-    last_exit_oom = bool(end.get("oom_killed")) and finished is not None and finished >= events_since
+    last_exit_oom = bool(end.get("oom_killed")) and finished is not None and finished >= window.events_since
     kills_start = ((cg_start.get("events") or {}).get("oom_kill") or 0)
     kills_end = ((cg_end.get("events") or {}).get("oom_kill") or 0)
     started_at = parse_docker_time(end.get("started_at"))
     details = []
     if oom_events:
-        details.append(f"{len(oom_events)} OOM event(s) from docker in the last {lookback_text}")
+        details.append(f"{len(oom_events)} OOM event(s) from docker in the last {window.lookback_text}")
     if last_exit_oom:
         details.append("its last exit was an OOM kill")
     if kills_end > kills_start:
         details.append(f"{kills_end - kills_start} process(es) killed during the window (memory.events)")
-    elif kills_end and started_at is not None and started_at >= events_since:
+    elif kills_end and started_at is not None and started_at >= window.events_since:
         details.append(f"{kills_end} process(es) killed since it started (memory.events)")
     if details:
         states.append("OOM-killed")
@@ -332,83 +300,99 @@ def _judge_container(service, record, plan_service, findings, events, window, st
                      oom_events=len(oom_events), oom_kill=kills_end)
     elif kills_end:
         findings.add("warn", "oom", f"{service}: {kills_end} process(es) OOM-killed inside it since it started "
-                                    f"(more than {lookback_text} ago; memory.events)", service)
+                                    f"(more than {window.lookback_text} ago; memory.events)", service)
     if die_events and not details:
         codes = sorted({e["exit_code"] for e in die_events})
-        findings.add("warn", "exited", f"{service} exited {len(die_events)} time(s) in the last {lookback_text} "
+        findings.add("warn", "exited", f"{service} exited {len(die_events)} time(s) in the last {window.lookback_text} "
                                        f"(exit code {', '.join(map(str, codes))})", service)
 
-    # -- memory figures
-    series = record.get("samples") or []
-    if not series:
-        if end.get("running"):
-            findings.add("warn", "no_figures", f"{service}: no memory figures (no cgroup files and no psutil)", service)
-        row["states"] = states
-        return row
+
+def memory_figures(record) -> dict:
+    """The row's figures from the container's samples (MiB, and CPU % over the window)."""
+    series = record["samples"]
+    cg_end = record.get("cgroup_end") or {}
     last = series[-1]
     now = used_bytes(last)
     peak_window = max(used_bytes(s) for s in series)
     peak_kernel = cg_end.get("peak") if isinstance(cg_end.get("peak"), int) else None
-    row.update({
+    figures = {
         "now_mib": mib(now), "anon_mib": mib(last.get("anon")), "cache_mib": mib(last.get("file")),
         "current_mib": mib(last.get("current")), "peak_window_mib": mib(peak_window),
         "peak_kernel_mib": mib(peak_kernel), "peak_mib": mib(peak_kernel if peak_kernel is not None else peak_window),
-    })
+    }
     first_cpu = next((s for s in series if s.get("cpu_usec") is not None), None)
     if first_cpu is not None and last.get("cpu_usec") is not None and last["t"] > first_cpu["t"]:
         cores = (last["cpu_usec"] - first_cpu["cpu_usec"]) / 1e6 / (last["t"] - first_cpu["t"])
-        row["cpu_pct"] = round(max(0.0, cores) * 100, 1)
+        figures["cpu_pct"] = round(max(0.0, cores) * 100, 1)
+    return figures
 
-    # -- limits actually in force vs the plan
+
+def limit_drift(service: str, plan_service: dict, memory_limit, nano_cpus) -> list[tuple[str, str, str]]:
+    """-> (kind, state, message) for each limit in force that is not the plan's. One definition of
+    limit drift, for verify's judgement and the deploy's converge step (memory_limit: bytes or
+    "max"/None for none; nano_cpus: docker's NanoCpus, 0 for none)."""
+    drift = []
+    planned_bytes = plan_service["mem_limit_mib"] * MIB
+    if memory_limit in ("max", None, 0):
+        drift.append(("no_limit", "no limit", f"{service} runs without a memory limit (plan: "
+                                              f"{plan_service['mem_limit_mib']} MiB)"))
+    elif abs(memory_limit - planned_bytes) > MIB:
+        drift.append(("limit_drift", "limit drift", f"{service}'s memory limit is {memory_limit / MIB:.0f} MiB, "
+                                                    f"the plan says {plan_service['mem_limit_mib']} MiB"))
+    nano = nano_cpus or 0
+    if plan_service.get("cpus") and abs(nano / 1e9 - plan_service["cpus"]) > 0.01:
+        drift.append(("cpu_drift", "limit drift", f"{service}'s CPU ceiling is "
+                                                  f"{'none' if not nano else f'{nano / 1e9:g} cores'}, the plan says "
+                                                  f"{plan_service['cpus']:g}"))
+    return drift
+
+
+def _judge_limits(service, record, plan_service, row, window: Window, findings, states) -> None:
+    """The limits actually in force against the plan, and the use against the budget."""
+    _, end = _container_states(record)
+    cg_end = record.get("cgroup_end") or {}
+    last = record["samples"][-1]
     limit = cg_end.get("max")  # the kernel's word first; docker's HostConfig where it is missing
     if limit is None:
         limit = end.get("memory_bytes") or "max"
     row["actual_limit_mib"] = None if limit == "max" else mib(limit)
-    if plan_service is not None:
-        planned_bytes = plan_service["mem_limit_mib"] * MIB
-        if limit == "max" or limit is None:
-            states.append("no limit")
-            findings.add("fail", "no_limit", f"{service} runs without a memory limit (plan: "
-                                             f"{plan_service['mem_limit_mib']} MiB)", service)
-        elif abs(limit - planned_bytes) > MIB:
-            states.append("limit drift")
-            findings.add("fail", "limit_drift", f"{service}'s memory limit is {limit / MIB:.0f} MiB, the plan says "
-                                                f"{plan_service['mem_limit_mib']} MiB", service)
-        nano = end.get("nano_cpus") or 0
-        if plan_service.get("cpus") and abs(nano / 1e9 - plan_service["cpus"]) > 0.01:
-            states.append("limit drift")
-            findings.add("fail", "cpu_drift", f"{service}'s CPU ceiling is "
-                                              f"{'none' if not nano else f'{nano / 1e9:g} cores'}, the plan says "
-                                              f"{plan_service['cpus']:g}", service)
-        swap_max = cg_end.get("swap_max")
-        if swap_total_kib and (swap_max == "max" or (isinstance(swap_max, int) and swap_max > 0)):
-            findings.add("warn", "swap_drift", f"{service} may swap "
-                                               f"{'without bound' if swap_max == 'max' else f'{swap_max / MIB:.0f} MiB'} "
-                                               "beyond its limit (plan: memswap_limit = mem_limit)", service)
-        pct = now / planned_bytes * 100
-        row["pct_of_budget"] = round(pct, 1)
-        if now > planned_bytes:
-            states.append("over budget")
-            findings.add("fail", "over_budget", f"{service} uses {now / MIB:.0f} MiB, over its budget of "
-                                                f"{plan_service['mem_limit_mib']} MiB", service)
-        elif now >= NEAR_LIMIT * planned_bytes:
-            states.append("near limit")
-            findings.add("warn", "near_limit", f"{service} uses {pct:.0f} % of its {plan_service['mem_limit_mib']} MiB "
-                                               "budget", service)
-        elif (last.get("anon") or 0) >= ANON_NEAR_LIMIT * planned_bytes:
-            states.append("near limit")
-            findings.add("warn", "near_limit", f"{service}'s anonymous memory is at "
-                                               f"{last['anon'] / planned_bytes * 100:.0f} % of its budget", service)
+    if plan_service is None:
+        return
+    for kind, state, message in limit_drift(service, plan_service, limit, end.get("nano_cpus")):
+        states.append(state)
+        findings.add("fail", kind, message, service)
+    swap_max = cg_end.get("swap_max")
+    if window.swap_total_kib and (swap_max == "max" or (isinstance(swap_max, int) and swap_max > 0)):
+        findings.add("warn", "swap_drift", f"{service} may swap "
+                                           f"{'without bound' if swap_max == 'max' else f'{swap_max / MIB:.0f} MiB'} "
+                                           "beyond its limit (plan: memswap_limit = mem_limit)", service)
+    planned_bytes = plan_service["mem_limit_mib"] * MIB
+    now = used_bytes(last)
+    pct = now / planned_bytes * 100
+    row["pct_of_budget"] = round(pct, 1)
+    if now > planned_bytes:
+        states.append("over budget")
+        findings.add("fail", "over_budget", f"{service} uses {now / MIB:.0f} MiB, over its budget of "
+                                            f"{plan_service['mem_limit_mib']} MiB", service)
+    elif now >= NEAR_LIMIT * planned_bytes:
+        states.append("near limit")
+        findings.add("warn", "near_limit", f"{service} uses {pct:.0f} % of its {plan_service['mem_limit_mib']} MiB "
+                                           "budget", service)
+    elif (last.get("anon") or 0) >= ANON_NEAR_LIMIT * planned_bytes:
+        states.append("near limit")
+        findings.add("warn", "near_limit", f"{service}'s anonymous memory is at "
+                                           f"{last['anon'] / planned_bytes * 100:.0f} % of its budget", service)
 
-    if row.get("cpu_pct") is not None:
-        ceiling = min(1.0, plan_service["cpus"]) if plan_service and plan_service.get("cpus") else 1.0
-        if row["cpu_pct"] / 100 >= CPU_PINNED * ceiling:
-            states.append("cpu pinned")
-            findings.add("warn", "cpu_pinned", f"{service} used {row['cpu_pct']:.0f} % CPU over the window "
-                                               f"(ceiling {ceiling:g} core): pinned, as the image-streaming bug "
-                                               "pinned api", service)
-    row["states"] = states
-    return row
+
+def _judge_cpu(service, plan_service, row, findings, states) -> None:
+    if row.get("cpu_pct") is None:
+        return
+    ceiling = min(1.0, plan_service["cpus"]) if plan_service and plan_service.get("cpus") else 1.0
+    if row["cpu_pct"] / 100 >= CPU_PINNED * ceiling:
+        states.append("cpu pinned")
+        findings.add("warn", "cpu_pinned", f"{service} used {row['cpu_pct']:.0f} % CPU over the window "
+                                           f"(ceiling {ceiling:g} core): pinned, as the image-streaming bug "
+                                           "pinned api", service)
 
 
 def _judge_host(samples, expected, rows, findings) -> dict:
@@ -561,113 +545,3 @@ def _judge_files(samples, expected, findings) -> None:
         elif got[path] != digest:
             findings.add("fail", "config_drift", f"{path} differs from what the plan renders "
                                                  "(hand-edited or stale; re-deploy to restore it)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-def _fmt(value, suffix: str = "", width: int = 0) -> str:
-    text = "-" if value is None else f"{value:.0f}{suffix}"
-    return text.rjust(width)
-
-
-def format_report(report: dict) -> str:
-    """One host: the verdict first, a table, then the problems."""
-    lines = [f"{report['host'] or 'host'}: {report['summary']}"]
-    if report["verdict"] == "error":
-        return lines[0]
-    plan, mem = report.get("plan") or {}, report.get("host_memory") or {}
-    host_line = (f"  plan for {plan.get('cpus')} cores, {plan.get('memory_mib')} MiB: containers "
-                 f"{mem.get('containers_now_mib', 0):.0f} of {plan.get('total_mem_limit_mib')} MiB "
-                 f"({mem.get('pct_of_budget', 0):.0f} %)")
-    if "mem_available_mib" in mem:
-        host_line += (f"; MemAvailable {mem['mem_available_mib']} MiB (min {mem.get('mem_available_min_mib')}); "
-                      f"swap {mem['swap_used_mib']}/{mem['swap_total_mib']} MiB")
-    pressure = mem.get("pressure")
-    if pressure:
-        host_line += f"; pressure some {pressure.get('some_avg10') or 0:.1f} full {pressure.get('full_avg10') or 0:.1f}"
-    lines.append(host_line)
-    lines.append(f"  {'service':<14}{'limit':>9}{'now':>9}{'peak':>9}{'budget':>8}{'cpu':>7}  state")
-    for row in report["rows"]:
-        lines.append(f"  {row['service']:<14}{_fmt(row.get('limit_mib'), ' MiB', 9)}{_fmt(row.get('now_mib'), ' MiB', 9)}"
-                     f"{_fmt(row.get('peak_mib'), ' MiB', 9)}{_fmt(row.get('pct_of_budget'), ' %', 8)}"
-                     f"{_fmt(row.get('cpu_pct'), ' %', 7)}  {row['state']}")
-    shown = [f for f in report["findings"] if f["severity"] in ("fail", "warn")]
-    if shown:
-        lines.append("  problems:" if any(f["severity"] == "fail" for f in shown) else "  warnings:")
-        for finding in sorted(shown, key=lambda f: f["severity"] != "fail"):
-            lines.append(f"    {finding['severity'].upper()} {finding['message']}")
-    lines.append(f"  (window {report.get('window_s', 0):g}s, {report.get('samples')} samples; now: in use without "
-                 "inactive page cache, as docker stats; peak: highest since the container started)")
-    return "\n".join(lines)
-
-
-def overall(reports: list[dict]) -> tuple[int, str]:
-    """Exit code and the line on top: 1 when any checked host fails, else 2 when any host
-    could not be checked, else 0."""
-    counts = {verdict: sum(1 for r in reports if r["verdict"] == verdict) for verdict in ("ok", "fail", "error")}
-    if counts["fail"]:
-        code = EXIT_FAIL
-    elif counts["error"]:
-        code = EXIT_ERROR
-    else:
-        code = EXIT_OK
-    word = {EXIT_OK: "OK", EXIT_FAIL: "FAIL", EXIT_ERROR: "COULD NOT CHECK"}[code]
-    parts = [f"{counts[v]} {label}" for v, label in (("ok", "ok"), ("fail", "failing"), ("error", "not checked"))
-             if counts[v]]
-    return code, f"edgefit verify: {word}: {len(reports)} host{'s' if len(reports) != 1 else ''}: {', '.join(parts)}"
-
-
-def compact_line(report: dict) -> str:
-    """One journal line per run of the timer: verdict and every service's now/limit."""
-    services = " ".join(f"{r['service']}={_fmt(r.get('now_mib'))}/{_fmt(r.get('limit_mib'))}" for r in report["rows"])
-    return f"{report['summary']} | MiB {services}"
-
-
-# ---------------------------------------------------------------------------------------------
-# On the host: the verify timer runs this file (see roles/verify_timer.py)
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgefit-verify-local",
-                                     description="Sample this host's stack and judge it against the plan it was deployed with.")
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser.add_argument("--expect", required=True, help="the plan of record written by the deploy (/etc/edgefit/plan.json)")
-    parser.add_argument("--sampler", default=os.path.join(here, "sampler.py"))
-    parser.add_argument("--window", type=float, default=20.0)
-    parser.add_argument("--interval", type=float, default=5.0)
-    parser.add_argument("--events-since", type=float, default=900.0)
-    parser.add_argument("--json-out", help="write the full report here")
-    parser.add_argument("--host", default=os.uname().nodename)
-    parser.add_argument("--sampler-args", default="", help="more arguments for the sampler (tests)")
-    args = parser.parse_args(argv)
-    try:
-        with open(args.expect) as handle:
-            expected = json.load(handle)["expect"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        print(f"{args.host}: could not check: {args.expect}: {error}")
-        return EXIT_ERROR
-    command = [sys.executable, args.sampler, "--window", str(args.window), "--interval", str(args.interval),
-               "--events-since", str(args.events_since)]
-    for path in sorted(expected.get("files") or {}):
-        command += ["--hash", path]
-    command += shlex.split(args.sampler_args)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.window + 30)
-        samples = json.loads(done.stdout.strip().splitlines()[-1])
-        report = evaluate(samples, expected, host=args.host)
-    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as error:
-        report = error_report(args.host, f"the sampler failed: {error}")
-    print(compact_line(report) if report["verdict"] != "error" else report["summary"])
-    for finding in report["findings"]:
-        if finding["severity"] in ("fail", "warn"):
-            print(f"{finding['severity'].upper()} {finding['message']}")
-    if args.json_out:
-        temporary = args.json_out + ".tmp"
-        with open(temporary, "w") as handle:
-            json.dump(report, handle, indent=1)
-        os.replace(temporary, args.json_out)
-    return report["exit_code"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
