@@ -459,79 +459,91 @@ def _judge_checks(samples, expected, findings) -> None:
     checks = samples.get("checks") or {}
     running = {((r.get("end") or r.get("start") or {}).get("service")) for r in samples.get("containers") or []
                if (r.get("end") or r.get("start") or {}).get("running")}
-    # Redis: maxmemory and policy as planned; evictions; a full broker.
     for service, want in (expected.get("redis") or {}).items():
-        if service not in running:
-            continue
-        got = (checks.get("redis") or {}).get(service)
-        if not got or got.get("error"):
-            findings.add("warn", "check_failed", f"could not read {service}'s settings: "
-                                                 f"{(got or {}).get('error', 'no answer')}", service)
-            continue
-        config, info = got.get("config") or {}, got.get("info") or {}
-        maxmemory = config.get("maxmemory", info.get("maxmemory"))
-        policy = config.get("maxmemory-policy", info.get("maxmemory_policy"))
-        try:
-            maxmemory = int(maxmemory)
-        except (TypeError, ValueError):
-            maxmemory = None
-        if maxmemory is not None and maxmemory != want["maxmemory_bytes"]:
-            findings.add("fail", "redis_drift", f"{service} maxmemory is "
-                                                f"{'0 (unbounded)' if maxmemory == 0 else f'{maxmemory / MIB:g} MiB'}, "
-                                                f"the plan says {want['maxmemory_bytes'] / MIB:g} MiB", service)
-        if policy is not None and policy != want["policy"]:
-            findings.add("fail", "redis_drift", f"{service} maxmemory-policy is {policy}, the plan says "
-                                                f"{want['policy']}", service)
-        evicted = info.get("evicted_keys")
-        evicted_end = (got.get("info_end") or {}).get("evicted_keys", evicted)
-        if isinstance(evicted, int) and isinstance(evicted_end, int):
-            if want["policy"] == "noeviction" and evicted_end > 0:
-                findings.add("fail", "redis_evictions", f"{service} evicted {evicted_end} key(s): Celery's queue and "
-                                                        "binding keys may be lost (it must never evict)", service)
-            elif evicted_end > evicted:
-                findings.add("info", "redis_evictions", f"{service} evicted {evicted_end - evicted} key(s) during the "
-                                                        "window (an LRU cache at its maxmemory)", service)
-        used = info.get("used_memory")
-        if want["policy"] == "noeviction" and isinstance(used, int) and want["maxmemory_bytes"]:
-            share = used / want["maxmemory_bytes"]
-            if share >= BROKER_FULL:
-                findings.add("fail", "redis_full", f"{service} is full ({share * 100:.0f} % of maxmemory): Celery "
-                                                   "can no longer publish tasks", service)
-            elif share >= BROKER_NEAR:
-                findings.add("warn", "redis_full", f"{service} at {share * 100:.0f} % of maxmemory", service)
-
-    # Postgres settings as planned.
-    if "db" in running and expected.get("postgres"):
-        got = checks.get("postgres")
-        if not got or got.get("error"):
-            findings.add("warn", "check_failed", f"could not read Postgres settings: "
-                                                 f"{(got or {}).get('error', 'no answer')}", "db")
-        else:
-            for name, want in expected["postgres"].items():
-                row = (got.get("settings") or {}).get(name)
-                if row is None:
-                    continue
-                value, tolerance = canonical_pg(row["setting"], row["unit"])
-                same = (abs(value - want) <= max(tolerance, 0) if isinstance(value, (int, float))
-                        and isinstance(want, (int, float)) and tolerance else value == want)
-                if not same:
-                    findings.add("fail", "postgres_drift", f"Postgres {name} is {human_pg(name, value)}, the plan says "
-                                                           f"{human_pg(name, want)}", "db")
-
-    # GC thresholds in effect in a new process with the container's environment.
+        got = _answer(checks, "redis", service, running, f"{service}'s settings", findings)
+        if got:
+            for kind, message in redis_drift(service, want, got.get("config") or {}, got.get("info") or {}):
+                findings.add("fail", kind, message, service)
+            _judge_redis_use(service, want, got, findings)
+    if expected.get("postgres"):
+        got = _answer(checks, "postgres", "db", running, "Postgres settings", findings)
+        if got:
+            for message in postgres_drift(expected["postgres"], got.get("settings") or {}):
+                findings.add("fail", "postgres_drift", message, "db")
     want = expected.get("gc_threshold")
     for service in expected.get("gc_services") or []:
-        if service not in running:
-            continue
-        got = (checks.get("gc") or {}).get(service)
-        if not got or got.get("error"):
-            findings.add("warn", "check_failed", f"could not read {service}'s GC thresholds: "
-                                                 f"{(got or {}).get('error', 'no answer')}", service)
-            continue
-        threshold = parse_threshold(got.get("threshold"))
-        if threshold != want:
+        got = _answer(checks, "gc", service, running, f"{service}'s GC thresholds", findings)
+        threshold = parse_threshold(got.get("threshold")) if got else want
+        if threshold != want:  # read in a new process with the container's environment
             findings.add("fail", "gc_drift", f"{service} runs with GC thresholds {tuple(threshold or [])}, the plan "
                                              f"says {tuple(want)}: the sitecustomize hook is not in effect", service)
+
+
+def _answer(checks: dict, kind: str, service: str, running: set, what: str, findings) -> dict | None:
+    """The sampler's answer for one service's check; None (with a warning) when it could not run."""
+    if service not in running:
+        return None
+    got = checks.get(kind) if kind == "postgres" else (checks.get(kind) or {}).get(service)
+    if not got or got.get("error"):
+        findings.add("warn", "check_failed", f"could not read {what}: {(got or {}).get('error', 'no answer')}", service)
+        return None
+    return got
+
+
+def redis_drift(service: str, want: dict, config: dict, info: dict) -> list[tuple[str, str]]:
+    """-> (kind, message) for each Redis setting in force that is not the plan's: the one
+    definition for verify and the deploy's converge step."""
+    drift = []
+    maxmemory = config.get("maxmemory", info.get("maxmemory"))
+    policy = config.get("maxmemory-policy", info.get("maxmemory_policy"))
+    try:
+        maxmemory = int(maxmemory)
+    except (TypeError, ValueError):
+        maxmemory = None
+    if maxmemory is not None and maxmemory != want["maxmemory_bytes"]:
+        drift.append(("redis_drift", f"{service} maxmemory is "
+                                     f"{'0 (unbounded)' if maxmemory == 0 else f'{maxmemory / MIB:g} MiB'}, "
+                                     f"the plan says {want['maxmemory_bytes'] / MIB:g} MiB"))
+    if policy is not None and policy != want["policy"]:
+        drift.append(("redis_drift", f"{service} maxmemory-policy is {policy}, the plan says {want['policy']}"))
+    return drift
+
+
+def _judge_redis_use(service: str, want: dict, got: dict, findings) -> None:
+    """Evictions, and a noeviction broker close to full."""
+    info = got.get("info") or {}
+    evicted = info.get("evicted_keys")
+    evicted_end = (got.get("info_end") or {}).get("evicted_keys", evicted)
+    if isinstance(evicted, int) and isinstance(evicted_end, int):
+        if want["policy"] == "noeviction" and evicted_end > 0:
+            findings.add("fail", "redis_evictions", f"{service} evicted {evicted_end} key(s): Celery's queue and "
+                                                    "binding keys may be lost (it must never evict)", service)
+        elif evicted_end > evicted:
+            findings.add("info", "redis_evictions", f"{service} evicted {evicted_end - evicted} key(s) during the "
+                                                    "window (an LRU cache at its maxmemory)", service)
+    used = info.get("used_memory")
+    if want["policy"] == "noeviction" and isinstance(used, int) and want["maxmemory_bytes"]:
+        share = used / want["maxmemory_bytes"]
+        if share >= BROKER_FULL:
+            findings.add("fail", "redis_full", f"{service} is full ({share * 100:.0f} % of maxmemory): Celery "
+                                               "can no longer publish tasks", service)
+        elif share >= BROKER_NEAR:
+            findings.add("warn", "redis_full", f"{service} at {share * 100:.0f} % of maxmemory", service)
+
+
+def postgres_drift(want: dict, settings: dict) -> list[str]:
+    """Postgres settings in force (pg_settings rows: name -> {setting, unit}) that are not the plan's."""
+    drift = []
+    for name, wanted in want.items():
+        row = settings.get(name)
+        if row is None:
+            continue
+        value, tolerance = canonical_pg(row["setting"], row["unit"])
+        same = (abs(value - wanted) <= max(tolerance, 0) if isinstance(value, (int, float))
+                and isinstance(wanted, (int, float)) and tolerance else value == wanted)
+        if not same:
+            drift.append(f"Postgres {name} is {human_pg(name, value)}, the plan says {human_pg(name, wanted)}")
+    return drift
 
 
 def _judge_files(samples, expected, findings) -> None:
