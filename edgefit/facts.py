@@ -5,7 +5,9 @@ All are read-only. Parsing is kept in plain functions so tests can feed them rec
 
 from __future__ import annotations
 
+import json
 import shlex
+from pathlib import Path
 
 from pyinfra.api import FactBase
 
@@ -90,17 +92,6 @@ class SecretsFile(FactBase):
         return None if text.strip() == "__absent__" else text + "\n"
 
 
-class ComposeVersion(FactBase):
-    """`docker compose version --short`, or None without the v2 plugin."""
-
-    def command(self) -> str:
-        return "docker compose version --short 2>/dev/null || echo none"
-
-    def process(self, output):
-        version = output[0].strip() if output else "none"
-        return None if version in ("", "none") else version
-
-
 class DockerInstalled(FactBase):
     def command(self) -> str:
         return "command -v dockerd >/dev/null && echo yes || echo no"
@@ -109,41 +100,83 @@ class DockerInstalled(FactBase):
         return bool(output) and output[0].strip() == "yes"
 
 
-class StackContainers(FactBase):
-    """service -> state ('running', 'exited', ...) of the stack's containers."""
+SAMPLER_SOURCE = Path(__file__).resolve().parent / "sampler.py"
+SECTION = "@@EDGEFIT-SECTION@@"
 
-    @staticmethod
-    def default():  # no output (no containers) is an empty stack, not an unknown one
-        return {}
 
-    def command(self) -> str:
-        return (
-            f"docker ps -a --filter label=com.docker.compose.project={COMPOSE_PROJECT} "
-            "--format '{{.Label \"com.docker.compose.service\"}} {{.State}}' 2>/dev/null || true"
-        )
+class HostState(FactBase):
+    """Everything the deploy compares, read in one command (edgefit/converge.py decides from it):
+    each placed file's sha256, mode, owner and mtime; the data directories' owners; which planned
+    images are missing; the systemd units' state; live sysctl values; the Compose plugin; and the
+    stack itself through sampler.py (containers, limits, Redis and Postgres settings), the same
+    reader verify uses. No file content and no secret is read."""
+
+    def command(self, paths: tuple[str, ...], directories: tuple[str, ...], refs: tuple[str, ...],
+                units: tuple[str, ...], sysctl_keys: tuple[str, ...]) -> str:
+        def words(items):
+            return " ".join(shlex.quote(item) for item in items)
+        sampler = SAMPLER_SOURCE.read_text()
+        assert "EDGEFIT_SAMPLER_END" not in sampler
+        return "\n".join([
+            f"echo {SECTION}files",
+            f"for p in {words(paths)}; do if [ -f \"$p\" ]; then "
+            "echo \"$(stat -c '%a %u %Y' \"$p\") $(sha256sum < \"$p\" | cut -c1-64) $p\"; fi; done",
+            f"echo {SECTION}directories",
+            f"for d in {words(directories)}; do stat -c '%u %n' \"$d\" 2>/dev/null; done",
+            f"echo {SECTION}units",
+            f"for u in {words(units)}; do echo \"$u|$(systemctl is-enabled \"$u\" 2>/dev/null)|"
+            "$(systemctl is-active \"$u\" 2>/dev/null)|$(systemctl show -p NeedDaemonReload --value \"$u\" 2>/dev/null)\"; done",
+            f"echo {SECTION}sysctl",
+            f"sysctl -e {words(sysctl_keys)} 2>/dev/null || true",
+            f"echo {SECTION}compose",
+            "docker compose version --short 2>/dev/null || true",
+            f"echo {SECTION}images",
+            "docker images --digests --format '{{.Repository}}:{{.Tag}} {{.Repository}}@{{.Digest}}' 2>/dev/null || true",
+            f"echo {SECTION}snapshot",
+            "if command -v python3 >/dev/null && command -v docker >/dev/null; then "
+            "python3 - --window 0.1 --interval 0.1 --checks redis,postgres --exec-timeout 20 <<'EDGEFIT_SAMPLER_END'",
+            sampler.rstrip("\n"),
+            "EDGEFIT_SAMPLER_END",
+            "fi",
+            "true",
+        ])
 
     def process(self, output):
-        states = {}
+        sections: dict[str, list[str]] = {}
+        current = None
         for line in output:
-            parts = line.split()
-            if len(parts) == 2:
-                states[parts[0]] = parts[1]
-        return states
-
-
-class MissingImages(FactBase):
-    """Which of the given image references are not present on the host."""
-
-    @staticmethod
-    def default():
-        return []
-
-    def command(self, refs: tuple[str, ...]) -> str:
-        checks = "; ".join(
-            f"docker image inspect {shlex.quote(ref)} >/dev/null 2>&1 || echo {shlex.quote(ref)}"
-            for ref in refs
-        )
-        return f"{checks}; true" if checks else "true"
-
-    def process(self, output):
-        return [line.strip() for line in output if line.strip()]
+            if line.startswith(SECTION):
+                current = sections.setdefault(line[len(SECTION):].strip(), [])
+            elif current is not None:
+                current.append(line)
+        files = {}
+        for line in sections.get("files", []):
+            parts = line.split(" ", 4)
+            if len(parts) == 5:
+                mode, uid, mtime, digest, path = parts
+                files[path] = {"mode": int(mode, 8), "uid": int(uid), "mtime": float(mtime), "sha256": digest}
+        directories = {}
+        for line in sections.get("directories", []):
+            uid, _, path = line.partition(" ")
+            if uid.isdigit():
+                directories[path] = int(uid)
+        units = {}
+        for line in sections.get("units", []):
+            parts = [part.strip() for part in line.split("|")] + ["", "", ""]
+            units[parts[0]] = {"enabled": parts[1], "active": parts[2], "need_reload": parts[3] == "yes"}
+        sysctl = parse_key_values(sections.get("sysctl", []))
+        images = set()
+        for line in sections.get("images", []):
+            images.update(word for word in line.split() if not word.endswith(("@<none>", ":<none>")))
+        snapshot = None
+        for line in reversed(sections.get("snapshot", [])):
+            if line.startswith("{"):
+                try:
+                    snapshot = json.loads(line)
+                except ValueError:
+                    snapshot = None
+                break
+        compose = (sections.get("compose") or [""])[0].strip() or None
+        return {"files": files, "directories": directories, "units": units, "sysctl": sysctl,
+                "images": sorted(images), "compose_version": compose, "snapshot": snapshot,
+                "units_need_reload": sorted(name for name, unit in units.items() if unit["need_reload"])}

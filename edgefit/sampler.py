@@ -388,6 +388,9 @@ class Sampler:
             if not record["start"]["running"]:
                 continue
             service = record["start"]["service"]
+            kind = "redis" if service in REDIS_SERVICES else "postgres" if service == POSTGRES_SERVICE else "gc"
+            if kind not in self.args.checks:
+                continue
             if service in REDIS_SERVICES:
                 jobs.append((("redis", service), lambda r=record: self.redis_check(r, True, extra)))
             elif service == POSTGRES_SERVICE:
@@ -475,11 +478,12 @@ class Sampler:
 
         def start_end_calls() -> None:
             for record in self.containers.values():
-                if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES:
+                if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES and "redis" in args.checks:
                     end_threads.append(self._thread(("redis_end", record["start"]["service"]),
                                                     lambda r=record: self.redis_check(r, False, lead)))
-            end_threads.append(self._thread(("events", None),
-                                            lambda: self.events(wall_end - args.events_since, wall_end)))
+            if "events" in args.checks:
+                end_threads.append(self._thread(("events", None),
+                                                lambda: self.events(wall_end - args.events_since, wall_end)))
 
         for index in range(1, samples + 1):
             target = began + index * args.window / samples
@@ -527,6 +531,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup")
     parser.add_argument("--proc-root", default="/proc")
     parser.add_argument("--docker", default="docker", help="the docker command (tests use a fake)")
+    parser.add_argument("--checks", type=lambda text: set(text.split(",")), default={"redis", "postgres", "gc", "events"},
+                        help="which checks to run: redis,postgres,gc (docker exec) and events (default all)")
     parser.add_argument("--exec-timeout", type=float, default=EXEC_TIMEOUT,
                         help=f"seconds one docker call may take (default {EXEC_TIMEOUT:g})")
     args = parser.parse_args(argv)

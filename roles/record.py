@@ -6,14 +6,16 @@ the host by. Written only after every earlier operation on the host succeeded, s
 describes a deploy that stopped halfway.
 """
 
+from io import StringIO
+
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from edgefit.render import PLAN_OF_RECORD, StackFile, file_at
-from roles.common import upload
+from edgefit.converge import Changes
 
 
 @deploy("Plan of record")
-def record_plan(rendered: list[StackFile]) -> None:
-    files.directory(name="Directory /etc/edgefit", path="/etc/edgefit", mode="700")
-    upload(file_at(rendered, PLAN_OF_RECORD))
+def record_plan(changes: Changes) -> None:
+    if changes.record:
+        files.put(name=f"Plan of record {changes.record.dest}", src=StringIO(changes.record.content),
+                  dest=changes.record.dest, mode=f"{changes.record.mode:o}")

@@ -1,22 +1,22 @@
-"""Role "stack": upload the rendered stack, bring its images in, start it, wait until healthy.
+"""Role "stack": bring missing images in, start the stack, heal its drift, wait until healthy.
 
-Restarts only what changed: `docker compose up -d` recreates services whose compose definition
-or environment changed (compose keeps a hash of each), and a service whose bind-mounted config
-file changed (redis.conf, pgbouncer.ini, ...) is restarted on its own. An unchanged host gets
-no operation that changes anything.
+Carries out what edgefit/converge.py decided: `docker compose up -d` when the compose definition
+changed or services are missing or stopped (compose recreates only services whose definition
+changed), a forced recreation of containers whose limits or image drifted, a restart of a service
+whose config file changed or whose live Redis/Postgres settings drifted. A host at its plan gets
+no operation at all.
 """
 
 import shlex
 
-from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
-from edgefit.facts import COMPOSE_PROJECT, MissingImages, StackContainers
+from edgefit.converge import COMPOSE_UP_PENDING, Changes
+from edgefit.facts import COMPOSE_PROJECT
 from edgefit.plan import Plan
-from edgefit.render import STACK_DIR, StackFile
+from edgefit.render import STACK_DIR
 from edgefit.settings import DeploySettings
-from roles.common import any_changed, upload
 
 IMAGE_DIR = "/var/lib/edgefit/images"
 COMPOSE = f"cd {STACK_DIR} && docker compose"
@@ -53,58 +53,35 @@ done
 
 
 @deploy("Dify stack")
-def deploy_stack(plan: Plan, settings: DeploySettings, rendered: list[StackFile], daemon_json) -> None:
-    stack_files = [f for f in rendered if not f.is_host_file]
-    uploads = {f.path: upload(f) for f in stack_files}
-
-    refs = tuple(sorted({service.image for service in plan.services.values()}))
-    missing = host.get_fact(MissingImages, refs=refs)
-    image_ops = []
-    if settings.image_tarball:
-        tarball = settings.image_tarball
-        remote = f"{IMAGE_DIR}/{tarball.name}"
-        put = files.put(name=f"Upload image tarball {tarball.name}", src=str(tarball), dest=remote, mode="600")
-        image_ops.append(put)
-        image_ops.append(server.shell(
-            name="Load images", commands=[f"docker load -q -i {shlex.quote(remote)}"],
-            _if=lambda: put.did_change() or bool(missing)))
-        if missing:
+def deploy_stack(plan: Plan, settings: DeploySettings, changes: Changes) -> None:
+    if changes.images_missing:
+        if settings.image_tarball:
+            tarball = settings.image_tarball
+            remote = f"{IMAGE_DIR}/{tarball.name}"
+            files.put(name=f"Upload image tarball {tarball.name}", src=str(tarball), dest=remote, mode="600")
             # Checked after loading: a tarball that lacks an image the plan uses stops here.
-            server.shell(name="Every planned image present",
-                         commands=[f"docker image inspect {' '.join(map(shlex.quote, refs))} >/dev/null"])
-    elif missing:
-        image_ops.append(server.shell(name=f"Pull {len(missing)} image(s)", commands=[f"{COMPOSE} pull --quiet"]))
+            refs = " ".join(map(shlex.quote, changes.images_missing))
+            server.shell(name=f"Load {len(changes.images_missing)} missing image(s)",
+                         commands=[f"docker load -q -i {shlex.quote(remote)} && docker image inspect {refs} >/dev/null"])
+        else:
+            server.shell(name=f"Pull {len(changes.images_missing)} image(s)", commands=[f"{COMPOSE} pull --quiet"])
 
-    states = host.get_fact(StackContainers)
-    running = {name for name, state in states.items() if state == "running"}
-    not_running = set(plan.services) - running
-    orphans = set(states) - set(plan.services)
-    definition = [uploads["docker-compose.yml"], uploads[".env"], *image_ops]
-    up = server.shell(
-        name="docker compose up -d" + (f" (not running: {', '.join(sorted(not_running))})" if not_running else ""),
-        commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull"],
-        _if=lambda: not daemon_json.did_change() and (
-            bool(not_running or orphans) or any(op.did_change() for op in definition)),
-    )
-    # A new daemon.json (cgroup driver, log options) reaches only containers created after it:
-    # live-restore keeps the old ones running as they were.
-    recreate = server.shell(
-        name="Recreate every container for the new daemon.json",
-        commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull --force-recreate"],
-        _if=daemon_json.did_change,
-    )
-
-    restarts = []
-    for service in plan.services:
-        changed_files = [uploads[f.path] for f in stack_files if service in f.services]
-        if changed_files and service in running:
-            restarts.append(server.shell(
-                name=f"Restart {service}: its config changed",
-                commands=[f"{COMPOSE} restart {service}"],
-                _if=any_changed(*changed_files)))
-
-    server.shell(
-        name="Wait until every service is healthy",
-        commands=[wait_healthy_command(settings.health_timeout_s)],
-        _if=any_changed(up, recreate, *restarts),
-    )
+    done_pending = f"rm -f {COMPOSE_UP_PENDING}"
+    if changes.recreate_all:
+        # A new daemon.json (cgroup driver, log options) reaches only containers created after
+        # it: live-restore keeps the old ones running as they were.
+        server.shell(name="Recreate every container for the new daemon.json",
+                     commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull --force-recreate && {done_pending}"])
+    elif changes.compose_up:
+        server.shell(name=f"docker compose up -d ({'; '.join(changes.reasons)})",
+                     commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull && {done_pending}"])
+    if changes.recreate:
+        names = " ".join(sorted(changes.recreate))
+        server.shell(name=f"Recreate {names}: " + "; ".join(changes.recreate.values()),
+                     commands=[f"{COMPOSE} up -d --no-deps --force-recreate {names}"])
+    for service, why in sorted(changes.restart.items()):
+        server.shell(name=f"Restart {service}: {why}", commands=[f"{COMPOSE} restart {service}"])
+    if changes.wait_healthy:
+        server.shell(name="Wait until every service is healthy" +
+                          (f" ({', '.join(changes.unsettled)} not yet)" if changes.unsettled else ""),
+                     commands=[wait_healthy_command(settings.health_timeout_s)])

@@ -8,13 +8,11 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import files, server
+from pyinfra.operations import server
 
 from edgefit.facts import BlockDevice
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
-from edgefit.render import DOCKER_DATA_DISK_DROP_IN, StackFile, file_at
-from roles.common import upload
 
 # data directory (under the data root) -> the service whose image owns it
 DATA_DIRECTORIES = {
@@ -50,8 +48,17 @@ def mount_command(device: str, data_root: str, format_first: bool) -> str:
     return "; ".join(steps)
 
 
+def data_directories(plan: Plan) -> dict[str, int]:
+    """path -> the uid that must own it, for every data directory of the planned services."""
+    directories = {plan.data_root: 0}
+    for relative, service in DATA_DIRECTORIES.items():
+        if service in plan.services:
+            directories[f"{plan.data_root}/{relative}"] = RUN_AS_UID.get(service, 0)
+    return directories
+
+
 @deploy("Data disk and directories")
-def prepare_volumes(plan: Plan, rendered: list[StackFile]) -> None:
+def prepare_volumes(plan: Plan, live: dict) -> None:
     root = plan.data_root
     if plan.data_disk:
         device = host.get_fact(BlockDevice, path=plan.data_disk)
@@ -60,16 +67,8 @@ def prepare_volumes(plan: Plan, rendered: list[StackFile]) -> None:
                 name=f"Mount {plan.data_disk} at {root} by UUID",
                 commands=[mount_command(plan.data_disk, root, device.get("fstype") is None)],
             )
-        # Docker waits for the disk's mount (render.py says why).
-        drop_in = upload(file_at(rendered, DOCKER_DATA_DISK_DROP_IN))
-        server.shell(name="Reload systemd units", commands=["systemctl daemon-reload"], _if=drop_in.did_change)
-    files.directory(name=f"Data root {root}", path=root, mode="755")
-    for relative, service in DATA_DIRECTORIES.items():
-        if service not in plan.services:
-            continue
-        path = f"{root}/{relative}"
-        made = files.directory(name=f"Data directory {path}", path=path)
-        uid = RUN_AS_UID.get(service, 0)
-        if uid:
-            server.shell(name=f"Owner of {path}: uid {uid}", commands=[f"chown {uid}:{uid} {path}"],
-                         _if=made.did_change)
+    # Made and owned once; existing data is never touched beyond its top directory's owner.
+    wrong = {path: uid for path, uid in data_directories(plan).items() if live["directories"].get(path) != uid}
+    if wrong:
+        steps = [f"mkdir -p {shlex.quote(path)} && chown {uid}:{uid} {shlex.quote(path)}" for path, uid in wrong.items()]
+        server.shell(name=f"Data directories: {', '.join(sorted(wrong))}", commands=[" && ".join(steps)])

@@ -39,4 +39,4 @@ def test_the_timer_units_render_and_pass_systemd_analyze(tmp_path):
 def test_group_data_documents_the_timer_off_by_default():
     text = (REPO / "group_data" / "all.py").read_text()
     assert "\nedgefit_verify_timer = False" in text and 'edgefit_verify_timer_every = "5min"' in text
-    assert "install_verify_timer(plan, rendered)" in (REPO / "deploy.py").read_text()
+    assert "install_verify_timer(plan, live)" in (REPO / "deploy.py").read_text()

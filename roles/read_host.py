@@ -1,0 +1,29 @@
+"""Role "read_host": one read of everything the deploy compares, and the decision what to change.
+
+One command (edgefit.facts.HostState) reads the placed files' hashes, the containers, images,
+units and live settings; edgefit/converge.py turns that into the host's Changes. The roles after
+this one only carry those changes out, so a host at its plan costs this one read and nothing else.
+"""
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from edgefit.converge import COMPOSE_UP_PENDING, Changes, decide, sysctl_keys
+from edgefit.facts import HostState
+from edgefit.plan import Plan
+from edgefit.render import SYSCTL_CONF, THP_UNIT, VERIFY_SERVICE, VERIFY_TIMER, StackFile, file_at
+from roles.volumes import data_directories
+
+UNITS = ("docker.service", THP_UNIT.rsplit("/", 1)[1], VERIFY_TIMER.rsplit("/", 1)[1])
+
+
+@deploy("Read the host")
+def read_host_and_decide(plan: Plan, rendered: list[StackFile]) -> tuple[dict, Changes]:
+    paths = sorted({f.dest for f in rendered} | {VERIFY_SERVICE, VERIFY_TIMER, COMPOSE_UP_PENDING})
+    live = host.get_fact(HostState, paths=tuple(paths), directories=tuple(data_directories(plan)),
+                         refs=tuple(sorted({s.image for s in plan.services.values()})), units=UNITS,
+                         sysctl_keys=sysctl_keys(file_at(rendered, SYSCTL_CONF).content))
+    changes = decide(plan, rendered, live)
+    for service, why in {**changes.recreate, **changes.restart}.items():
+        host.noop(f"{service}: {why}")
+    return live, changes
