@@ -11,16 +11,9 @@ import secrets as random
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-# Upstream Dify's .env.example ships these; a stack running with one of them is open to anyone
-# who has read that file.
-UPSTREAM_DEFAULTS = {
-    "difyai123456",
-    "sk-9f73s3ljTXVcMT3Blb3ljTqtsKiGHXVcMT3BlbkFJLK7U",
-    "lYkiYYT6owG+71oLerGzA7GXCgOT++6ovaezWAjpCjf+Sjc3ZtU+qUEi",
-    "QaHbTe77CtuXmsfyhR7+vRjI/+XbV1AaFy691iy+kGDv2Jvy0/eAh8Y1",
-    "dify-sandbox",
-}
-MIN_LENGTH = 24
+from edgefit.checks import SECRET_MIN_LENGTH as MIN_LENGTH  # noqa: F401  (re-exported)
+from edgefit.checks import UPSTREAM_DEFAULTS  # noqa: F401  (re-exported)
+from edgefit.checks import CheckError, secret_value
 
 
 class SecretsError(ValueError):
@@ -61,14 +54,10 @@ class Secrets:
         missing = [f.name.upper() for f in fields(cls) if not values.get(f.name)]
         if missing:
             raise SecretsError(f"{source}: missing {', '.join(missing)}")
-        for f in fields(cls):
-            value = values[f.name]
-            if value in UPSTREAM_DEFAULTS:
-                raise SecretsError(f"{source}: {f.name.upper()} is one of upstream Dify's published defaults")
-            if len(value) < MIN_LENGTH or any(c in value for c in " \"'\\$#"):
-                raise SecretsError(f"{source}: {f.name.upper()} must be {MIN_LENGTH}+ characters "
-                                   "without spaces, quotes, backslashes, '$' or '#'")
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
+        try:  # length, URL-safe characters, not upstream's defaults; messages never show a value
+            return cls(**{f.name: secret_value(f.name.upper(), values[f.name]) for f in fields(cls)})
+        except CheckError as error:
+            raise SecretsError(f"{source}: {error}") from None
 
 
 def load_or_create(path: Path) -> Secrets:
