@@ -334,3 +334,13 @@ def test_render_into_a_file_is_refused(edgefit, tmp_path):
     target = tmp_path / "a-file"
     target.write_text("")
     assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", str(target)), ["--out"])
+
+
+def test_render_keeps_a_digest_pin_in_the_compose_file(edgefit, tmp_path):
+    ref = "registry.lan/pgvector@sha256:" + "0123456789abcdef" * 4
+    out = tmp_path / "out"
+    ok(edgefit("render", "--preset", "2C4G", "--out", str(out), "--image", f"db={ref}"))
+    compose = (out / "docker-compose.yml").read_text()
+    assert re.search(rf"^\s+image: {re.escape(ref)}$", compose, re.M), "the exact reference, digest included"
+    plan = json.loads(ok(edgefit("plan", "--preset", "2C4G", "--json", "--image", f"db={ref}")).stdout)
+    assert plan["services"]["db"]["image"] == ref
