@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 
+from edgefit import checks
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
 from edgefit.secrets import Secrets
@@ -56,6 +57,10 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
         "secrets": secrets,
         "services": plan.services,
         "uid": RUN_AS_UID,
+        # Values that reach YAML and nginx pass their check here too, whoever made the plan: a
+        # value that could add a line or a directive never renders (CheckError).
+        "data_root": checks.data_root(plan.data_root),
+        "server_name": checks.hostname(plan.domain) if plan.domain else "_",
         "stack_dir": STACK_DIR,
         "python_hook_dir": PYTHON_HOOK_DIR,
         "dify_python_services": [name for name in ("api", "worker", "worker_beat") if name in present],
