@@ -40,7 +40,11 @@ def plan_host() -> tuple[Plan, DeploySettings, dict]:
         if not device["exists"]:
             raise refuse(f"data disk {settings.data_disk} does not exist; attach it, or set "
                          "edgefit_data_disk to the right device (lsblk lists them) or to None")
-        if device["fstype"] is None and not settings.data_disk_format:
+        if not device["empty"] and device["fstype"] is None:
+            raise refuse(f"data disk {settings.data_disk} holds {device['signature']}, not a filesystem, and "
+                         "edgefit formats only a disk on which `blkid -p` finds nothing; wipe it yourself "
+                         "if its data is not needed, or name another disk")
+        if device["empty"] and not settings.data_disk_format:
             raise refuse(f"data disk {settings.data_disk} holds no filesystem; set "
                          "edgefit_data_disk_format = True to format it with ext4")
         mountpoint = device["mountpoint"]
