@@ -7,7 +7,6 @@ Each file says which services must restart when it changes, so a deploy restarts
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import jinja2
 from edgefit import checks
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
+from edgefit.safe_write import write_atomic
 from edgefit.secrets import Secrets
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -106,16 +106,11 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
 
 
 def write_stack(files: list[StackFile], out_dir: Path) -> list[Path]:
-    """Write files under out_dir with their modes (ownership is the deploy's job)."""
+    """Write files under out_dir with their modes (ownership is the deploy's job), each whole or
+    not at all (edgefit.safe_write)."""
     written = []
     for stack_file in files:
         target = out_dir / stack_file.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(target.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stack_file.mode)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(stack_file.content)
-        os.chmod(temporary, stack_file.mode)
-        os.replace(temporary, target)  # a reader never sees half a file
-        written.append(target)
+        written.append(write_atomic(target, stack_file.content, stack_file.mode))
     return written

@@ -14,6 +14,7 @@ from pathlib import Path
 from edgefit.checks import SECRET_MIN_LENGTH as MIN_LENGTH  # noqa: F401  (re-exported)
 from edgefit.checks import UPSTREAM_DEFAULTS  # noqa: F401  (re-exported)
 from edgefit.checks import CheckError, secret_value
+from edgefit.safe_write import write_atomic
 
 
 class SecretsError(ValueError):
@@ -61,12 +62,17 @@ class Secrets:
 
 
 def load_or_create(path: Path) -> Secrets:
-    """Reuse the secrets at path; make them (mode 0600, created atomically) when absent."""
-    if path.exists():
-        return Secrets.from_env(path.read_text(), str(path))
+    """Reuse the secrets at path; make them (mode 0600, whole, never over an existing file) when absent."""
+    if os.path.lexists(path):
+        if path.is_dir():
+            raise SecretsError(f"secrets file {path} is a directory; give the env file itself")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = (error.strerror or str(error)).lower() if isinstance(error, OSError) else "not UTF-8 text"
+            raise SecretsError(f"secrets file {path} cannot be read ({reason})") from None
+        return Secrets.from_env(text, str(path))
     created = Secrets.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(created.to_env())
+    write_atomic(path, created.to_env(), 0o600, replace=False)
     return created
