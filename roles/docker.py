@@ -1,5 +1,7 @@
 """Role "docker": the Docker engine, the Compose v2 plugin, and daemon.json from the plan."""
 
+import shlex
+
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server
@@ -19,13 +21,14 @@ def install_docker(settings: DeploySettings, files_: list[StackFile], facts: dic
     if not host.get_fact(DockerInstalled):
         if settings.docker_source == "docker":
             mirror = settings.docker_apt_mirror or f"https://download.docker.com/linux/{facts['os_id']}"
+            key_url, repo_url = shlex.quote(f"{mirror}/gpg"), shlex.quote(mirror)  # checked, and quoted too
             apt.packages(name="Tools for Docker's apt repository", packages=["ca-certificates", "curl"], update=True)
             server.shell(
                 name="Docker's apt repository",
                 commands=[
                     "install -m 0755 -d /etc/apt/keyrings",
-                    f"curl -fsSL {mirror}/gpg -o {DOCKER_APT_KEY}",
-                    f'echo "deb [signed-by={DOCKER_APT_KEY}] {mirror} $(. /etc/os-release && echo $VERSION_CODENAME) stable"'
+                    f"curl -fsSL --proto =https {key_url} -o {DOCKER_APT_KEY}",
+                    f'echo "deb [signed-by={DOCKER_APT_KEY}] "{repo_url}" $(. /etc/os-release && echo $VERSION_CODENAME) stable"'
                     " > /etc/apt/sources.list.d/docker.list",
                 ],
             )
