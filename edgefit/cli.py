@@ -17,7 +17,7 @@ from edgefit import checks
 from edgefit import plan as planning
 from edgefit.images import ImageError
 from edgefit.render import render_stack, write_stack
-from edgefit.safe_write import WriteError, check_directory, check_file
+from edgefit.safe_write import WriteError, check_directory
 from edgefit.secrets import SecretsError, load_or_create
 from edgefit.units import SizeError, parse_gib, parse_mib
 
@@ -149,7 +149,7 @@ def command_render(args: argparse.Namespace) -> int:
         if secrets_path.is_dir():
             raise UsageError(f"--secrets {secrets_path} is a directory; give the env file itself")
         if not os.path.lexists(secrets_path):
-            check_file(secrets_path, "--secrets")  # it will be made there
+            check_directory(secrets_path.parent, "--secrets directory")  # it will be made there
     plan = plan_from_args(args)
     secrets = load_or_create(secrets_path)
     written = write_stack(render_stack(plan, secrets), out)

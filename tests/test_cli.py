@@ -488,3 +488,14 @@ def test_verify_an_inventory_that_raises_is_exit_2_with_one_sentence(tmp_path):
     line = assert_one_line_error(run_verify_cli(tmp_path, "inv.py", "--window", "1"),
                                  ["inv.py", "NameError", "undefined_host_name"])
     assert "exit" not in line.lower() or "2" in line
+
+
+def test_render_makes_a_new_secrets_file_where_it_can_and_refuses_where_it_cannot(edgefit, tmp_path):
+    out = tmp_path / "out"
+    ok(edgefit("render", "--preset", "2C4G", "--out", str(out), "--secrets", str(tmp_path / "new" / "s.env")))
+    assert stat.S_IMODE((tmp_path / "new" / "s.env").stat().st_mode) == 0o600
+    (tmp_path / "a-file").write_text("")
+    out2 = tmp_path / "out2"
+    assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", str(out2), "--secrets",
+                                  str(tmp_path / "a-file" / "s.env")), ["--secrets", "not a directory"])
+    assert not out2.exists()
