@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
+from edgefit import checks
 from edgefit import plan as planning
 from edgefit.images import ImageError
 from edgefit.render import render_stack, write_stack
+from edgefit.safe_write import WriteError, check_directory
 from edgefit.secrets import SecretsError, load_or_create
 from edgefit.settings import SETTINGS, SettingsError, check_values, options_from
 from edgefit.units import SizeError, parse_gib, parse_mib
@@ -150,18 +154,28 @@ def command_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secrets_mode(path: Path) -> str:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    warning = ": readable by others, chmod 600 it" if mode & 0o077 else ""
+    return f"mode {mode:04o}{warning}"
+
+
 def command_render(args: argparse.Namespace) -> int:
-    plan = plan_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    # Every place is checked before any work, so bad input writes nothing at all.
+    out = check_directory(args.out, "--out")
     secrets_path = Path(args.secrets) if args.secrets else out / "secrets.env"
+    if args.secrets:
+        if secrets_path.is_dir():
+            raise UsageError(f"--secrets {secrets_path} is a directory; give the env file itself")
+        if not os.path.lexists(secrets_path):
+            check_directory(secrets_path.parent, "--secrets directory")  # it will be made there
+    plan = plan_from_args(args)
     secrets = load_or_create(secrets_path)
     written = write_stack(render_stack(plan, secrets), out)
     print(f"rendered {len(written)} files for a {plan.host.cpus}-core, {plan.host.memory_mib} MiB host into {out}/")
     for path in written:
         print(f"  {path.relative_to(out)}")
-    print(f"secrets: {secrets_path} (mode 0600; values are never printed)")
+    print(f"secrets: {secrets_path} ({_secrets_mode(secrets_path)}; values are never printed)")
     return 0
 
 
@@ -259,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     except planning.HostTooSmall as error:
         print(f"edgefit: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (UsageError, SizeError, planning.PlanError, ImageError, SecretsError) as error:
+    except (UsageError, SizeError, planning.PlanError, ImageError, SecretsError, WriteError,
+            checks.CheckError) as error:
         print(f"edgefit: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:  # a place that changed after its check: still one sentence, never a traceback
+        where = f" {error.filename}" if error.filename else ""
+        print(f"edgefit: error: cannot write or read{where}: {(error.strerror or str(error)).lower()}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -52,14 +52,21 @@ class HostSizeFacts(FactBase):
 
 
 class BlockDevice(FactBase):
-    """A block device: whether it exists, its size, filesystem, UUID and where it is mounted."""
+    """A block device: whether it exists, its size, what it holds, its UUID and mount point.
+
+    What it holds comes from `blkid -p`, the low-level probe, which also finds what holds no
+    filesystem TYPE (LUKS/dm-crypt, partition tables, RAID members). The device is `empty` only
+    when that probe ran and found no signature at all (exit code 2); anything else, including a
+    device it could not read, is not empty, and so is never formatted.
+    """
 
     def command(self, path: str) -> str:
         quoted = shlex.quote(path)
         return (
             f"if [ -b {quoted} ]; then echo exists=yes; "
             f"echo size_bytes=$(blockdev --getsize64 {quoted}); "
-            f"blkid -o export {quoted} 2>/dev/null || true; "
+            f"if [ -r {quoted} ]; then blkid -p -o export {quoted} 2>/dev/null; echo probe_status=$?; "
+            "else echo probe_status=unreadable; fi; "
             f"echo mountpoint=$(findmnt -n -o TARGET --source {quoted} 2>/dev/null | head -1); "
             "else echo exists=no; fi"
         )
@@ -68,10 +75,16 @@ class BlockDevice(FactBase):
         values = parse_key_values(output)
         if values.get("exists") != "yes":
             return {"exists": False}
+        empty = values.get("probe_status") == "2"  # blkid: 2 = nothing found; 0 found; 8 ambivalent
+        usage = values.get("USAGE")
+        signature = values.get("TYPE") or values.get("PTTYPE") or (None if empty else "an unreadable or unknown signature")
         return {
             "exists": True,
             "size_gib": int(values.get("size_bytes") or 0) // 1024**3,
-            "fstype": values.get("TYPE") or None,
+            "empty": empty,
+            # a filesystem edgefit may mount; crypto_LUKS, a partition table or raid are not
+            "fstype": values.get("TYPE") if usage in (None, "filesystem") and values.get("TYPE") else None,
+            "signature": signature,
             "uuid": values.get("UUID") or None,
             "mountpoint": values.get("mountpoint") or None,
         }

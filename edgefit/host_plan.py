@@ -34,7 +34,11 @@ def check_and_plan(settings: DeploySettings, facts: dict, device: dict | None, d
         if not device or not device["exists"]:
             raise HostRefused(f"data disk {data_disk} does not exist; attach it, or set edgefit_data_disk "
                               "to the right device (lsblk lists them) or to None")
-        if device["fstype"] is None and not settings.data_disk_format:
+        if not device["empty"] and device["fstype"] is None:
+            raise HostRefused(f"data disk {data_disk} holds {device['signature']}, not a filesystem, and edgefit "
+                              "formats only a disk on which `blkid -p` finds nothing; wipe it yourself if its data "
+                              "is not needed, or name another disk")
+        if device["empty"] and not settings.data_disk_format:
             raise HostRefused(f"data disk {data_disk} holds no filesystem; set edgefit_data_disk_format = True "
                               "to format it with ext4")
         mountpoint = device["mountpoint"]

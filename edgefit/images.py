@@ -37,7 +37,7 @@ DEFAULT_IMAGES = {
 # Tags that move: a deploy from them is not reproducible and may jump past a fix or a break.
 FLOATING_TAGS = {"latest", "main", "master", "nightly", "edge", "dev", "stable"}
 
-_REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._/:-]*?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@sha256:[0-9a-f]{64})?$")
+_REF = re.compile(r"(?P<name>[a-z0-9][a-z0-9._/:-]*?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?")
 
 
 class ImageError(ValueError):
@@ -47,10 +47,13 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class ImageRef:
     name: str
-    tag: str
+    tag: str | None  # None only when a digest pins the image
+    digest: str | None = None  # "sha256:<64 hex>", kept as given: it is the pin
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.tag}"
+        tag = f":{self.tag}" if self.tag else ""
+        digest = f"@{self.digest}" if self.digest else ""
+        return f"{self.name}{tag}{digest}"
 
 
 def _version_tuple(tag: str) -> tuple[int, ...] | None:
@@ -59,14 +62,16 @@ def _version_tuple(tag: str) -> tuple[int, ...] | None:
 
 
 def check_image(service: str, ref: str) -> ImageRef:
-    """Refuse floating tags and Dify releases older than the image-streaming fix."""
-    match = _REF.match(ref.strip())
+    """Refuse floating tags and Dify releases older than the image-streaming fix. A digest
+    (name[:tag]@sha256:...) is kept; with one, the tag may be left out, except for the Dify
+    images, whose version is read from their tag."""
+    match = _REF.fullmatch(ref.strip())
     if not match:
-        raise ImageError(f"{service}: {ref!r} is not an image reference (expected name:tag)")
-    name, tag = match.group("name"), match.group("tag")
-    if not tag:
+        raise ImageError(f"{service}: {ref!r} is not an image reference (expected name:tag or name@sha256:DIGEST)")
+    name, tag, digest = match.group("name"), match.group("tag"), match.group("digest")
+    if not tag and not digest:
         raise ImageError(f"{service}: image {ref!r} has no tag; pin a release, e.g. {DEFAULT_IMAGES.get(service, 'name:1.2.3')}")
-    if tag.lower() in FLOATING_TAGS:
+    if tag and tag.lower() in FLOATING_TAGS:
         raise ImageError(
             f"{service}: image {ref!r} uses the floating tag {tag!r}; pin a release "
             f"(e.g. {DEFAULT_IMAGES.get(service, 'name:1.2.3')}) so every deploy runs the same code"
@@ -78,8 +83,11 @@ def check_image(service: str, ref: str) -> ImageRef:
         "dify-plugin-daemon": MIN_PLUGIN_DAEMON_VERSION,
     }.get(basename)
     if minimum:
-        version = _version_tuple(tag)
         wanted = ".".join(map(str, minimum))
+        if not tag:
+            raise ImageError(f"{service}: image {ref!r} has a digest but no tag; keep its release tag too "
+                             f"(name:TAG@sha256:...), from which the version >= {wanted} is read")
+        version = _version_tuple(tag)
         if version is None:
             raise ImageError(f"{service}: cannot read a version from tag {tag!r} of {name}; pin a release >= {wanted}")
         if version < minimum:
@@ -87,7 +95,7 @@ def check_image(service: str, ref: str) -> ImageRef:
                 f"{service}: {ref} is older than {wanted}, which fixed the image-streaming memory "
                 f"blow-up (langgenius/dify#17799); pin {wanted} or newer"
             )
-    return ImageRef(name, tag)
+    return ImageRef(name, tag, digest)
 
 
 def resolve_images(services: list[str], overrides: dict[str, str] | None = None,

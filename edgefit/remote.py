@@ -36,6 +36,7 @@ from edgefit import sampler as sampler_module
 from edgefit import judge
 from edgefit import report as reporting
 from edgefit.render import PLAN_OF_RECORD, PLAN_OF_RECORD_SCHEMA
+from edgefit.safe_write import WriteError, check_file, write_atomic
 
 NO_RECORD = "@@EDGEFIT-NO-PLAN-OF-RECORD@@"
 NO_PYTHON = "@@EDGEFIT-NO-PYTHON3@@"
@@ -96,7 +97,8 @@ def load_inventory(inventory: str, limits: list[str] | None):
     except CliError as error:
         raise VerifyUsageError(f"inventory {inventory}: {error.message if hasattr(error, 'message') else error}") from None
     except Exception as error:  # the inventory is Python: anything can go wrong in it
-        raise VerifyUsageError(f"inventory {inventory} could not be loaded: {type(error).__name__}: {error}") from None
+        cause = getattr(error, "exception", error)  # pyinfra's UnexpectedExternalError wraps it; its str() fails
+        raise VerifyUsageError(f"inventory {inventory} could not be loaded: {type(cause).__name__}: {cause}") from None
     ctx_inventory.set(loaded)
     hosts = list(loaded)
     if limits:
@@ -220,6 +222,11 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
 def run_verify(inventory: str, limits: list[str] | None, options: VerifyOptions,
                json_file: str | None = None, out=None) -> int:
     out = out or sys.stdout
+    if json_file:  # before the window: a report that cannot be written is known now, not after it
+        try:
+            check_file(json_file, "--json")
+        except WriteError as error:
+            raise VerifyUsageError(str(error)) from None
     _quiet_logs()
     started = time.monotonic()
     state, hosts = load_inventory(inventory, limits)
@@ -250,8 +257,10 @@ def run_verify(inventory: str, limits: list[str] | None, options: VerifyOptions,
     if json_file:
         document = {"verdict": {0: "ok", 1: "fail", 2: "error"}[code], "exit_code": code, "summary": headline,
                     "window_s": options.window, "elapsed_s": elapsed, "hosts": reports}
-        target = Path(json_file)
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.write_text(json.dumps(document, indent=2) + "\n")
-        temporary.replace(target)
+        try:
+            write_atomic(json_file, json.dumps(document, indent=2) + "\n")
+        except OSError as error:  # changed since the check: say so; "over budget" (1) still wins
+            print(f"edgefit: error: --json {json_file} was not written ({(error.strerror or str(error)).lower()})",
+                  file=sys.stderr)
+            return code if code == 1 else 2
     return code

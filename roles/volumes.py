@@ -1,7 +1,8 @@
 """Role "volumes": the data disk mounted by UUID at the data root, and the data directories.
 
-Formatting happens only when the disk holds no filesystem AND edgefit_data_disk_format is set
-(checked by the facts role before anything runs). Existing data is never touched.
+Formatting happens only when `blkid -p` finds no signature on the disk AND
+edgefit_data_disk_format is set (checked by the facts role before anything runs). Existing data
+is never touched.
 """
 
 import shlex
@@ -28,18 +29,26 @@ DATA_DIRECTORIES = {
 }
 
 
+def format_command(device: str) -> str:
+    """mkfs.ext4, guarded on the host by `blkid -p` once more: exit 2 means its low-level probe
+    found no signature at all (no filesystem, LUKS, partition table or RAID member); anything
+    else, and the disk is left alone. -E nodiscard: no long TRIM pass on big virtual disks."""
+    dev = shlex.quote(device)
+    return (f"probe=0; blkid -p {dev} >/dev/null 2>&1 || probe=$?; "
+            f"if [ \"$probe\" -eq 2 ]; then mkfs.ext4 -q -L edgefit-data -E nodiscard {dev}; fi")
+
+
 def mount_command(device: str, data_root: str, format_first: bool) -> str:
     dev, root = shlex.quote(device), shlex.quote(data_root)
     steps = ["set -e"]
     if format_first:
-        # -E nodiscard: no long TRIM pass on big virtual disks; blkid re-checks emptiness first.
-        steps.append(f"test -z \"$(blkid -o value -s TYPE {dev})\" && mkfs.ext4 -q -L edgefit-data -E nodiscard {dev}")
+        steps.append(format_command(device))
     steps += [
         f"uuid=$(blkid -o value -s UUID {dev})",
         'test -n "$uuid"',
         f"mkdir -p {root}",
         # nofail: a missing disk must not stop the host from booting (and sshd from starting).
-        f"grep -q \"^UUID=$uuid \" /etc/fstab || echo \"UUID=$uuid {data_root} ext4 defaults,nofail 0 2\" >> /etc/fstab",
+        f"grep -q \"^UUID=$uuid \" /etc/fstab || echo \"UUID=$uuid \"{root}\" ext4 defaults,nofail 0 2\" >> /etc/fstab",
         "systemctl daemon-reload",
         f"mountpoint -q {root} || mount {root}",
         # Refuse to go on if the data root is still the root filesystem.
@@ -65,7 +74,7 @@ def prepare_volumes(plan: Plan, live: dict) -> None:
         if device.get("mountpoint", "") != root:
             server.shell(
                 name=f"Mount {plan.data_disk} at {root} by UUID",
-                commands=[mount_command(plan.data_disk, root, device.get("fstype") is None)],
+                commands=[mount_command(plan.data_disk, root, bool(device.get("empty")))],
             )
     # Made and owned once; existing data is never touched beyond its top directory's owner.
     wrong = {path: uid for path, uid in data_directories(plan).items() if live["directories"].get(path) != uid}

@@ -194,6 +194,11 @@ BAD_INPUT = {
     "image-old-dify": (["--preset", "2C4G", "--image", "api=langgenius/dify-api:1.2.0"], ["1.3.0"]),
     "image-unknown-service": (["--preset", "2C4G", "--image", "apii=langgenius/dify-api:1.13.3"], ["apii"]),
     "image-no-equals": (["--preset", "2C4G", "--image", "langgenius/dify-api:1.13.3"], ["SERVICE=REF"]),
+    "data-root-shell": (["--preset", "2C4G", "--data-root", "/srv/$(touch pwned)"], ["--data-root", "letters"]),
+    "data-root-newline": (["--preset", "2C4G", "--data-root", "/srv/dify\n    privileged: true"], ["--data-root"]),
+    "data-root-dotdot": (["--preset", "2C4G", "--data-root", "/srv/../etc"], ["--data-root", "'..'"]),
+    "data-root-docker": (["--preset", "2C4G", "--data-root", "/var/lib/docker"], ["--data-root", "/var/lib/dify"]),
+    "data-root-boot": (["--preset", "2C4G", "--data-root", "/boot"], ["--data-root", "/boot"]),
 }
 # argparse reports an invalid `choices` value with its multi-line usage block before the error.
 ARGPARSE_USAGE: set[str] = set()  # fixed: edgefit.cli.OneLineErrorParser
@@ -227,7 +232,8 @@ def test_bad_input_is_one_line_and_exit_2(edgefit, args, needles):
 
 
 @pytest.mark.parametrize("args,needles", [
-    pytest.param(*BAD_INPUT[name], id=name) for name in ("memory-8X", "too-small", "image-latest")])
+    pytest.param(*BAD_INPUT[name], id=name) for name in ("memory-8X", "too-small", "image-latest",
+                                                          "data-root-shell", "data-root-newline")])
 def test_render_refuses_bad_input_before_writing(edgefit, tmp_path, args, needles):
     out = tmp_path / "out"
     assert_one_line_error(edgefit("render", *args, "--out", str(out)), needles)
@@ -334,3 +340,162 @@ def test_render_into_a_file_is_refused(edgefit, tmp_path):
     target = tmp_path / "a-file"
     target.write_text("")
     assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", str(target)), ["--out"])
+
+
+def test_render_keeps_a_digest_pin_in_the_compose_file(edgefit, tmp_path):
+    ref = "registry.lan/pgvector@sha256:" + "0123456789abcdef" * 4
+    out = tmp_path / "out"
+    ok(edgefit("render", "--preset", "2C4G", "--out", str(out), "--image", f"db={ref}"))
+    compose = (out / "docker-compose.yml").read_text()
+    assert re.search(rf"^\s+image: {re.escape(ref)}$", compose, re.M), "the exact reference, digest included"
+    plan = json.loads(ok(edgefit("plan", "--preset", "2C4G", "--json", "--image", f"db={ref}")).stdout)
+    assert plan["services"]["db"]["image"] == ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad places: checked before any work, one sentence, exit 2, nothing written
+
+def run_as_nobody(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """root writes anywhere: an unwritable or unreadable place is tested as uid 65534."""
+    if os.geteuid() != 0:
+        return run_plain(*args, cwd=cwd)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is needed to run as another user")
+    return subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *ENTRY_POINTS["script"], *args],
+                          capture_output=True, text=True, timeout=60, cwd=cwd, env=_clean_env())
+
+
+def _shared_dir(mode: int):
+    """A directory under /tmp that another user can reach (tmp_path's parents are 0700)."""
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix="edgefit-test-", dir="/tmp"))
+    (path / "secret.env").write_text(Secrets.generate().to_env())
+    (path / "secret.env").chmod(0o600)
+    path.chmod(mode)
+    yield path
+    path.chmod(0o755)
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def locked_dir():
+    """Others may enter it but not write into it, nor read its secret.env."""
+    yield from _shared_dir(0o755 if os.geteuid() == 0 else 0o555)
+
+
+@pytest.fixture
+def open_dir():
+    yield from _shared_dir(0o777)
+
+
+def no_leftovers(root: Path) -> None:
+    names = [p.name for p in root.rglob("*")]
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".edgefit-probe")], names
+
+
+def test_render_under_a_file_is_refused_and_writes_nothing(edgefit, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    line = assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", str(tmp_path / "a-file" / "out")),
+                                 ["--out", "which is a file"])
+    assert "Traceback" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("out", ["/proc/edgefit-out", "/sys/edgefit-out", "/proc/self/edgefit"])
+def test_render_into_a_kernel_filesystem_is_refused(edgefit, out):
+    assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", out), ["--out", "kernel filesystem"])
+
+
+def test_render_into_an_unwritable_directory_is_refused_before_any_work(locked_dir):
+    before = sorted(p.name for p in locked_dir.iterdir())
+    result = run_as_nobody("render", "--preset", "2C4G", "--out", str(locked_dir / "out"), cwd=Path("/"))
+    assert_one_line_error(result, ["--out", "cannot be written", "permission denied"])
+    assert sorted(p.name for p in locked_dir.iterdir()) == before
+
+
+def test_render_with_secrets_that_is_a_directory_is_refused(edgefit, tmp_path):
+    (tmp_path / "secrets-dir").mkdir()
+    out = tmp_path / "out"
+    assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", str(out), "--secrets",
+                                  str(tmp_path / "secrets-dir")), ["--secrets", "is a directory"])
+    assert not out.exists()
+
+
+def test_render_with_secrets_that_cannot_be_read_is_refused(edgefit, tmp_path):
+    (tmp_path / "binary.env").write_bytes(b"\xff\xfe\x00")
+    out = tmp_path / "out"
+    assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", str(out), "--secrets",
+                                  str(tmp_path / "binary.env")), ["binary.env", "cannot be read"])
+    assert not out.exists()
+
+
+def test_render_with_an_unreadable_secrets_file_is_refused(locked_dir, open_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file another user cannot read")
+    out = open_dir / "out"
+    result = run_as_nobody("render", "--preset", "2C4G", "--out", str(out), "--secrets",
+                           str(locked_dir / "secret.env"), cwd=Path("/"))
+    assert_one_line_error(result, ["secret.env", "cannot be read", "permission denied"])
+    assert not out.exists()
+
+
+def test_render_names_the_real_mode_of_the_secrets_file(edgefit, tmp_path):
+    out = tmp_path / "out"
+    assert "(mode 0600;" in ok(edgefit("render", "--preset", "2C4G", "--out", str(out))).stdout
+    (out / "secrets.env").chmod(0o644)
+    line = ok(edgefit("render", "--preset", "2C4G", "--out", str(out))).stdout.splitlines()[-1]
+    assert "mode 0644" in line and "chmod 600" in line and "0600" not in line
+    no_leftovers(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify: bad places and inventories are exit 2 before the window starts
+
+def run_verify_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*ENTRY_POINTS["script"], "verify", *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**_clean_env(), "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("json_file,needles", [
+    ("missing-dir/report.json", ["--json", "does not exist"]),
+    ("a-file/report.json", ["--json", "which is a file"]),
+    (".", ["--json", "is a directory"]),
+    ("/proc/edgefit-report.json", ["--json", "kernel filesystem"]),
+])
+def test_verify_json_to_a_bad_place_exits_2_before_the_window(tmp_path, json_file, needles):
+    import time
+    (tmp_path / "inv.py").write_text('edge = [("@local", {})]\n')
+    (tmp_path / "a-file").write_text("")
+    started = time.monotonic()
+    result = run_verify_cli(tmp_path, "inv.py", "--window", "600", "--json", json_file)
+    assert time.monotonic() - started < 30, "refused before the 600 s window"
+    assert_one_line_error(result, needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "inv.py"]
+
+
+def test_verify_json_is_written_whole_without_a_temporary_file(tmp_path):
+    (tmp_path / "inv.py").write_text('edge = [("@local", {})]\n')
+    result = run_verify_cli(tmp_path, "inv.py", "--window", "1", "--json", "report.json")
+    assert result.returncode in (0, 1, 2) and "Traceback" not in result.stdout + result.stderr
+    document = json.loads((tmp_path / "report.json").read_text())
+    assert document["exit_code"] == result.returncode
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["inv.py", "report.json"]
+
+
+def test_verify_an_inventory_that_raises_is_exit_2_with_one_sentence(tmp_path):
+    (tmp_path / "inv.py").write_text("edge = [undefined_host_name]\n")
+    line = assert_one_line_error(run_verify_cli(tmp_path, "inv.py", "--window", "1"),
+                                 ["inv.py", "NameError", "undefined_host_name"])
+    assert "exit" not in line.lower() or "2" in line
+
+
+def test_render_makes_a_new_secrets_file_where_it_can_and_refuses_where_it_cannot(edgefit, tmp_path):
+    out = tmp_path / "out"
+    ok(edgefit("render", "--preset", "2C4G", "--out", str(out), "--secrets", str(tmp_path / "new" / "s.env")))
+    assert stat.S_IMODE((tmp_path / "new" / "s.env").stat().st_mode) == 0o600
+    (tmp_path / "a-file").write_text("")
+    out2 = tmp_path / "out2"
+    assert_one_line_error(edgefit("render", "--preset", "2C4G", "--out", str(out2), "--secrets",
+                                  str(tmp_path / "a-file" / "s.env")), ["--secrets", "not a directory"])
+    assert not out2.exists()

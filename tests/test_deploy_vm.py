@@ -116,8 +116,8 @@ def _host_state(host) -> str:
     ({"edgefit_size_override": {"cpus": 2, "memory": "3G"}}, ["too small", "at least"]),
     # issue 8: a misspelled, a mistyped and an out-of-range setting, refused before the secrets role
     ({"edgefit_witout": ["sandbox"]}, ["edgefit_witout is not an edgefit setting", "did you mean edgefit_without"]),
-    ({"edgefit_data_disk_format": "no"}, ["edgefit_data_disk_format must be True or False", "'no'"]),
-    ({"edgefit_verify_timer_every": "5s"}, ["edgefit_verify_timer_every", "from 1min to 24h"]),
+    ({"edgefit_data_disk_format": "no"}, ["edgefit_data_disk_format: must be True or False", "'no'"]),
+    ({"edgefit_verify_timer_every": "5s"}, ["edgefit_verify_timer_every", "between 60 and 86400 s"]),
 ], ids=["unknown-vector-store", "latest-tag", "missing-data-disk", "below-minimum",
         "misspelled-setting", "mistyped-setting", "out-of-range-setting"])
 def test_bad_inventory_input_stops_before_anything_changes(deployed_stack: DeployedStack, vm_hosts, tmp_path,

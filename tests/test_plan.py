@@ -571,6 +571,39 @@ def test_untagged_or_malformed_references_are_refused(ref):
         img.check_image("api", ref)
 
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("ref,name,tag", [
+    (f"registry.lan/pgvector@{DIGEST}", "registry.lan/pgvector", None),
+    (f"registry.lan:5000/pgvector/pgvector:0.8.0-pg15@{DIGEST}", "registry.lan:5000/pgvector/pgvector", "0.8.0-pg15"),
+])
+def test_digest_pins_are_kept(ref, name, tag):
+    checked = img.check_image("db", ref)
+    assert (checked.name, checked.tag, checked.digest) == (name, tag, DIGEST)
+    assert str(checked) == ref
+    assert img.resolve_images(["db"], {"db": ref}) == {"db": ref}
+    assert make_plan(HostSize(2, 4096), Options(images={"db": ref})).services["db"].image == ref
+
+
+@pytest.mark.parametrize("ref,needle", [
+    (f"langgenius/dify-api@{DIGEST}", "no tag"),  # the version is read from the tag
+    (f"langgenius/dify-api:1.2.0@{DIGEST}", "17799"),
+    (f"langgenius/dify-api:latest@{DIGEST}", "floating tag"),
+    ("langgenius/dify-api:1.13.3@sha256:abc", "not an image reference"),
+    (f"langgenius/dify-api:1.13.3@sha256:{'A' * 64}", "not an image reference"),
+    (f"langgenius/dify-api:1.13.3@{DIGEST}\nprivileged: true", "not an image reference"),
+])
+def test_bad_digest_references_are_refused(ref, needle):
+    with pytest.raises(img.ImageError, match=needle):
+        img.check_image("api", ref)
+
+
+def test_dify_with_tag_and_digest_passes():
+    ref = f"langgenius/dify-api:1.13.3@{DIGEST}"
+    assert str(img.check_image("api", ref)) == ref
+
+
 version_st = st.tuples(st.integers(0, 3), st.integers(0, 20), st.integers(0, 20))
 
 
