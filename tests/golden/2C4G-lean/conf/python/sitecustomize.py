@@ -3,7 +3,7 @@
 CPython reads no environment variable for its GC thresholds (python/cpython#124742 was closed
 unmerged), so `PYTHON_GC_THRESHOLD=700,10,10` alone does nothing. Python imports this module at
 start-up from PYTHONPATH (/opt/edgefit/python) in every process of api, worker and beat, and
-calls gc.set_threshold itself. The plan's value for this host: 500,10,10.
+calls gc.set_threshold itself. The plan's value for this host: 700,10,10.
 """
 
 import gc
