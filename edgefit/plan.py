@@ -169,8 +169,9 @@ AUTO_LEAVE_OUT: tuple[tuple[str, str], ...] = (
     # First beat: it is a whole Dify interpreter (~460 MiB charged) for a few periodic tasks,
     # and with the gevent pool it cannot share the worker's (`celery worker -B` is refused:
     # "-B option doesn't work with eventlet/gevent pools", measured).
-    ("worker_beat", "Dify's periodic tasks do not run (schedule-triggered workflows, cleanup of old "
-                    "messages, unused datasets and the embedding cache, plugin upgrade checks)"),
+    ("worker_beat", "Dify's periodic tasks do not run (schedule-triggered workflows, trigger provider "
+                    "refresh, cleanup of old messages, unused datasets and the embedding cache, plugin "
+                    "upgrade checks; api/extensions/ext_celery.py)"),
     # Then the sandbox: only workflow code nodes need it. Its ssrf_proxy stays, because the api's
     # and worker's own outbound requests go through it.
     ("sandbox", "workflow code nodes do not run"),
@@ -521,6 +522,12 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
     # finish. So the limit must hold that threshold plus one large document's growth for each
     # task in flight plus the file pages it is charged for, and the threshold must stay above
     # the worker's idle + jieba memory, or it would restart after every first indexing task.
+    # What protects the tasks: Dify sets its Celery config in code (api/extensions/ext_celery.py:
+    # no task_acks_late, nothing read from the environment for it), so late acks cannot be set
+    # from here. The warm shutdown is what keeps them: Celery stops taking new messages, waits
+    # for every running task to finish, and with --prefetch-multiplier 1 (the entrypoint's) a
+    # message fetched but not started stays unacknowledged, and the Redis transport puts it back
+    # on the queue when the worker closes. The broker never evicts (noeviction, appendonly).
     task_growth = math.ceil(MARGIN * INDEX_TASK_MIB)
     restart_anon_min = WORKER_IDLE_ANON_MIB + JIEBA_MIB + 20  # 540 measured, +20 for noise
 
