@@ -6,8 +6,10 @@ pins) and nowhere else. Each rule says why next to where it is applied.
 
 The plan is a continuous, monotone function of the host's cores, memory and disk: memory left
 after the reserve is shared out by water-filling (each service gets its floor, then the rest
-in proportion to its weight until it reaches its cap). The presets below are checkpoints the
-tests look at, not a lookup table.
+in proportion to its weight until it reaches its cap). The floors of Dify's own services are
+the real Dify's measured peaks; where a host cannot hold every floor, the plan leaves optional
+services out in a fixed order and names each trade-off (Plan.tradeoffs). The presets below are
+checkpoints the tests look at, not a lookup table.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class HostTooSmall(PlanError):
 
 @dataclass(frozen=True)
 class ServiceRule:
-    floor_mib: int  # below this the service fails to start or thrashes (observed upstream sizes)
+    floor_mib: int  # below this the service is OOM-killed or thrashes (measured peaks where measured)
     weight: float  # share of the memory above all floors
     cap_mib: int | None  # beyond this more memory only hides a leak; None: takes what is left
     cpus_share: float  # fraction of the host's cores it may use ...
@@ -98,11 +100,10 @@ JIEBA_MIB = 220  # "What was learned": the first keyword-indexing task loads jie
 # What a container is charged for beside anon and cannot give back: mapped files 47 at the
 # worker's peak, plus the ~50 MiB of page cache it must keep to run (cgroup table).
 WORKER_FILE_MIB = 96
-# The largest document measured (8 MB, economy indexing). Larger ones were not measured: the
-# plan allows upstream's 15 MB only where the worker holds that many MB per task at an assumed
-# linear cost (1 MB cost 83, 8 MB cost 115: sublinear, so linear is the cautious guess).
+# The largest document measured (8 MB, economy indexing): INDEX_TASK_MIB holds for documents up
+# to this size, so Dify's UPLOAD_FILE_SIZE_LIMIT is capped here (upstream's .env.example: 15 MB,
+# not measured). Image, audio and video upload limits stay upstream's: they are not indexed.
 MEASURED_DOCUMENT_MB = 8
-UPSTREAM_UPLOAD_MB = 15  # Dify's .env.example UPLOAD_FILE_SIZE_LIMIT
 # beat: 460 MiB charged unlimited (314 anon + 144 cache); 384 survived at its limit with no
 # margin; 166 was OOM-killed at start. Beat's anon is flat (314 idle and peak), so the charge
 # unlimited is already ~20 % above a limit that held. Cgroup table, rows "beat".
