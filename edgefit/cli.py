@@ -140,8 +140,15 @@ def format_plan(plan: planning.Plan) -> str:
         + ", ".join(f"{role} {pool.pool_size}+{pool.max_overflow} x{pool.processes}"
                     for role, pool in plan.dify.pools.items() if pool.processes),
         f"python     gc thresholds {','.join(map(str, plan.dify.gc_threshold))}, MALLOC_ARENA_MAX={plan.dify.malloc_arena_max}, "
-        f"gunicorn {plan.dify.gunicorn_cmd_args}",
+        f"gunicorn {plan.dify.gunicorn_cmd_args or 'without recycling (no --max-requests)'}",
+        f"worker     warm restart when its anonymous memory passes {plan.dify.worker_restart_anon_mib} MiB "
+        f"(checked every {plan.dify.worker_watchdog_interval_s:g} s); documents up to "
+        f"{plan.dify.upload_file_size_limit_mb} MB (UPLOAD_FILE_SIZE_LIMIT)",
     ]
+    if "web" in plan.services:
+        lines.append(f"web        {plan.dify.web_pm2_instances} node instance(s), NODE_OPTIONS={plan.dify.web_node_options}")
+    if plan.tradeoffs:
+        lines += ["", "trade-offs to fit this host:"] + [f"  - {note}" for note in plan.tradeoffs]
     return "\n".join(lines)
 
 

@@ -6,8 +6,10 @@ pins) and nowhere else. Each rule says why next to where it is applied.
 
 The plan is a continuous, monotone function of the host's cores, memory and disk: memory left
 after the reserve is shared out by water-filling (each service gets its floor, then the rest
-in proportion to its weight until it reaches its cap). The presets below are checkpoints the
-tests look at, not a lookup table.
+in proportion to its weight until it reaches its cap). The floors of Dify's own services are
+the real Dify's measured peaks; where a host cannot hold every floor, the plan leaves optional
+services out in a fixed order and names each trade-off (Plan.tradeoffs). The presets below are
+checkpoints the tests look at, not a lookup table.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class HostTooSmall(PlanError):
 
 @dataclass(frozen=True)
 class ServiceRule:
-    floor_mib: int  # below this the service fails to start or thrashes (observed upstream sizes)
+    floor_mib: int  # below this the service is OOM-killed or thrashes (measured peaks where measured)
     weight: float  # share of the memory above all floors
     cap_mib: int | None  # beyond this more memory only hides a leak; None: takes what is left
     cpus_share: float  # fraction of the host's cores it may use ...
@@ -76,15 +78,77 @@ class ServiceRule:
     optional: bool = False  # may be left out with --without
 
 
-# Floors: api/worker import the whole Dify code base (~450-550 MiB RSS at rest, more while
-# indexing); Postgres needs shared_buffers plus backends; the plugin daemon holds plugin
-# runtimes. Caps on api/worker catch the slow leaks users report (#11510: 6 GB over weeks)
-# before they starve the host; the database has no cap and absorbs the rest as cache.
+# The real Dify's memory, measured (../shared/notes/dify-memory.md: Dify 1.12.1, gunicorn
+# gevent, celery -P gevent, each service in its own memory cgroup with `edgefit render --preset
+# 2C4G` settings; "charge" is the cgroup's peak usage: anon + page cache + mapped files).
+# Limits hold the measured peak charge times MARGIN: one run each, on a busy machine.
+MARGIN = 1.10
+# api: 1 gunicorn worker peaked at 801 MiB charged under an 806 MiB limit (5 to spare; rss 559,
+# cache 193); unlimited it peaked at 693 charged, floor (rss + mapped) ~620. Cgroup table, rows
+# "api, 1 gunicorn worker".
+API_PEAK_ONE_WORKER_MIB = 801
+# Each further gunicorn worker: +321 charged (2 workers unlimited: 1014 vs 693) and +403 PSS
+# (3 workers 4C8G: 1413 vs 607 for one, figures table). The larger figure holds both.
+API_PER_EXTRA_WORKER_MIB = 400
+# worker, gevent -c 2: 742 MiB charged at its 742 limit from t=52 s (cache squeezed to ~130),
+# 20 documents + one 8 MB indexed; floor ~645 (rss + mapped). Cgroup table, "worker, gevent -c 2".
+WORKER_PEAK_MIB = 742
+WORKER_PEAK_CONCURRENCY = 2
+# One 8 MB document: peak 774 RSS - 439 idle - 220 jieba's dictionary = ~115 MiB of its own
+# (figures table, "worker, gevent -c 2"); 8 documents of 1 MB at once on -c 8 took ~83 each
+# ((1320 - 439 - 220) / 8). With gevent this growth is never given back.
+INDEX_TASK_MIB = 115
+WORKER_IDLE_ANON_MIB = 320  # figures table: idle anon at -c 2 (318-320 at any concurrency)
+JIEBA_MIB = 220  # "What was learned": the first keyword-indexing task loads jieba, kept
+# What a container is charged for beside anon and cannot give back: mapped files 47 at the
+# worker's peak, plus the ~50 MiB of page cache it must keep to run (cgroup table).
+WORKER_FILE_MIB = 96
+# The largest document measured (8 MB, economy indexing): INDEX_TASK_MIB holds for documents up
+# to this size, so Dify's UPLOAD_FILE_SIZE_LIMIT is capped here (upstream's .env.example: 15 MB,
+# not measured). Image, audio and video upload limits stay upstream's: they are not indexed.
+MEASURED_DOCUMENT_MB = 8
+# beat: 460 MiB charged unlimited (314 anon + 144 cache); 384 survived at its limit with no
+# margin; 166 was OOM-killed at start. Beat's anon is flat (314 idle and peak), so the charge
+# unlimited is already ~20 % above a limit that held. Cgroup table, rows "beat".
+BEAT_PEAK_MIB = 460
+# web (Next.js under pm2): one node with NODE_OPTIONS old=128 semi=16 peaked at 291 RSS; the pm2
+# manager costs 45 PSS (79 RSS, its pages shared with node). 2 instances measured 612 RSS / 506
+# PSS, within 45 + 2 x 291. Web table; without the flags one node reached 789.
+WEB_NODE_OPTIONS = "--max-old-space-size=128 --max-semi-space-size=16"
+WEB_INSTANCE_MIB = 291
+WEB_PM2_MIB = 45
+# The worker's watchdog reads three cgroup files this often: an 8 MB document's ~115 MiB took
+# tens of seconds to grow (sampled every 0.5 s), so 2 s sees a crossing long before the limit.
+WATCHDOG_INTERVAL_S = 2.0
+
+
+def api_need_mib(workers: int) -> int:
+    """The api's limit that holds the measured peak of this many gunicorn workers, with margin."""
+    return math.ceil(MARGIN * (API_PEAK_ONE_WORKER_MIB + API_PER_EXTRA_WORKER_MIB * (workers - 1)))
+
+
+def worker_need_mib(concurrency: int) -> int:
+    """The worker's limit at this gevent concurrency: the measured -c 2 peak, plus one large
+    document's growth for each further task in flight, with margin. Below -c 2 the measured
+    figure still applies: the 8 MB document ran alone and set the peak."""
+    extra = max(0, concurrency - WORKER_PEAK_CONCURRENCY)
+    return math.ceil(MARGIN * (WORKER_PEAK_MIB + INDEX_TASK_MIB * extra))
+
+
+def web_need_mib(instances: int) -> int:
+    return math.ceil(MARGIN * (WEB_PM2_MIB + WEB_INSTANCE_MIB * instances))
+
+
+# Floors are the measured needs above for the smallest configuration (1 gunicorn worker, -c 1,
+# one node); the plan then picks workers, concurrency and node instances its budget holds.
+# Not measured here: db, the plugin daemon (holds plugin runtimes) and the sandbox keep their
+# upstream-derived floors. Caps on api/worker catch the slow leaks users report (#11510: 6 GB
+# over weeks) before they starve the host; the database has no cap and absorbs the rest as cache.
 SERVICE_RULES: dict[str, ServiceRule] = {
-    "api": ServiceRule(704, 4.0, 8192, 1.0, 1.0),
-    "worker": ServiceRule(640, 4.0, 8192, 1.0, 1.0),
-    "worker_beat": ServiceRule(160, 0.25, 512, 0.0, 0.25, 0.5, optional=True),
-    "web": ServiceRule(256, 0.5, 1024, 0.5, 0.5, optional=True),
+    "api": ServiceRule(api_need_mib(1), 4.0, 8192, 1.0, 1.0),
+    "worker": ServiceRule(worker_need_mib(1), 4.0, 8192, 1.0, 1.0),
+    "worker_beat": ServiceRule(BEAT_PEAK_MIB, 0.25, 768, 0.0, 0.25, 0.5, optional=True),
+    "web": ServiceRule(web_need_mib(1), 0.5, 1536, 0.5, 0.5, optional=True),
     "db": ServiceRule(512, 3.0, None, 1.0, 1.0),
     "pgbouncer": ServiceRule(32, 0.02, 128, 0.0, 0.5, 1.0),
     "redis": ServiceRule(128, 0.75, 4096, 0.0, 0.5, 1.0),
@@ -100,6 +164,22 @@ SERVICE_RULES: dict[str, ServiceRule] = {
 CORE_SERVICES = ("api", "worker", "worker_beat", "web", "db", "pgbouncer", "redis",
                  "redis_broker", "sandbox", "plugin_daemon", "ssrf_proxy", "nginx")
 OPTIONAL_SERVICES = tuple(name for name, rule in SERVICE_RULES.items() if rule.optional)
+
+# What the plan leaves out by itself, in this order, when the host cannot hold every service it
+# was asked for at its measured floor. With the real footprints above, 12 services no longer fit
+# 4 GiB (2C4G: floors 3935 MiB against a budget of 3531), so a small host gets the trade-off
+# below instead of limits the real Dify breaks; `edgefit plan` shows it and how to undo it.
+AUTO_LEAVE_OUT: tuple[tuple[str, str], ...] = (
+    # First beat: it is a whole Dify interpreter (~460 MiB charged) for a few periodic tasks,
+    # and with the gevent pool it cannot share the worker's (`celery worker -B` is refused:
+    # "-B option doesn't work with eventlet/gevent pools", measured).
+    ("worker_beat", "Dify's periodic tasks do not run (schedule-triggered workflows, trigger provider "
+                    "refresh, cleanup of old messages, unused datasets and the embedding cache, plugin "
+                    "upgrade checks; api/extensions/ext_celery.py)"),
+    # Then the sandbox: only workflow code nodes need it. Its ssrf_proxy stays, because the api's
+    # and worker's own outbound requests go through it.
+    ("sandbox", "workflow code nodes do not run"),
+)
 
 # Kept back for the kernel, Docker, sshd, journald and page cache: a fixed part for the daemons
 # and a proportional part because page cache and kernel tables grow with the machine.
@@ -257,6 +337,10 @@ class DifyPlan:
     celery_worker_amount: int
     graph_engine_max_workers: int
     web_pm2_instances: int
+    web_node_options: str  # NODE_OPTIONS of the web: V8's heaps bounded as measured
+    worker_restart_anon_mib: int  # the worker's watchdog asks for a warm shutdown above this
+    worker_watchdog_interval_s: float
+    upload_file_size_limit_mb: int  # Dify's UPLOAD_FILE_SIZE_LIMIT (documents)
     pools: dict[str, PoolPlan]
     pgvector_max_connection: int
     plugin_db_max_open_conns: int
@@ -286,6 +370,8 @@ class Plan:
     dify: DifyPlan
     log_max_size_mib: int
     log_max_files: int
+    # What the plan gave up to fit this host (services left out), each with how to undo it.
+    tradeoffs: list[str] = field(default_factory=list)
     reported_host: HostSize | None = None  # what the host reported, when the plan is for its live facts
 
     @property
@@ -352,16 +438,70 @@ def plan_services(options: Options) -> list[str]:
     return services
 
 
+def fit_services(services: list[str], budget_mib: int) -> tuple[list[str], list[str]]:
+    """(services kept, services left out): AUTO_LEAVE_OUT in order, only as far as needed.
+
+    A bigger budget never leaves out more, so a service present on a small host is present on
+    every bigger one."""
+    kept, left_out = list(services), []
+    for name, _ in AUTO_LEAVE_OUT:
+        if sum(SERVICE_RULES[s].floor_mib for s in kept) <= budget_mib:
+            break
+        if name in kept:
+            kept.remove(name)
+            left_out.append(name)
+    return kept, left_out
+
+
+def least_services(services: list[str]) -> list[str]:
+    """The services a plan keeps on the smallest host it accepts for this request."""
+    auto = {name for name, _ in AUTO_LEAVE_OUT}
+    return [name for name in services if name not in auto]
+
+
+def minimum_host_mib(services: list[str]) -> int:
+    """Smallest host memory make_plan accepts for these services (some may be left out there)."""
+    return minimum_memory_mib(least_services(services))
+
+
 def too_small_message(size: HostSize, services: list[str]) -> str:
-    needed = minimum_memory_mib(services)
-    droppable = [name for name in OPTIONAL_SERVICES if name in services]
-    lean = [name for name in services if name not in droppable]
+    least = least_services(services)
+    needed = minimum_memory_mib(least)
+    auto = [name for name in services if name not in least]
+    droppable = [name for name in OPTIONAL_SERVICES if name in least]
+    lean = [name for name in least if name not in droppable]
+    left = ""
+    if auto:
+        left = (f" with {','.join(auto)} left out ({minimum_memory_mib(services)} MiB "
+                f"with all {len(services)})")
     hint = ""
     if droppable:
-        hint = (f"; leaving out {','.join(droppable)} (--without {','.join(droppable)}) "
+        hint = (f"; leaving out {','.join(droppable)} too (--without {','.join(droppable)}) "
                 f"lowers that to {minimum_memory_mib(lean)} MiB")
-    return (f"a host with {size.memory_mib} MiB is too small for Dify with "
-            f"{len(services)} services: it needs at least {needed} MiB{hint}.")
+    return (f"a host with {size.memory_mib} MiB is too small for Dify: it needs at least "
+            f"{needed} MiB for {len(least)} services{left}{hint}.")
+
+
+def tradeoff_notes(left_out: list[str], requested: list[str], budget_mib: int) -> list[str]:
+    """One line per service the plan left out: what is lost, and the two ways to get it back.
+
+    AUTO_LEAVE_OUT goes in order, so a service comes back only where everything after it in
+    that order fits too: on a host of minimum_memory_mib of those services, or when leaving out
+    one more optional service (the smallest that frees enough) makes room for them."""
+    reasons = dict(AUTO_LEAVE_OUT)
+    order = [name for name, _ in AUTO_LEAVE_OUT]
+    notes = []
+    for name in left_out:
+        earlier = set(order[:order.index(name)])
+        back = [s for s in requested if s not in earlier]
+        missing = sum(SERVICE_RULES[s].floor_mib for s in back) - budget_mib
+        frees = sorted((SERVICE_RULES[s].floor_mib, s) for s in back
+                       if SERVICE_RULES[s].optional and s not in order and SERVICE_RULES[s].floor_mib >= missing
+                       and not (s == "ssrf_proxy" and "sandbox" in back))
+        instead = f", or with --without {frees[0][1]}" if frees else ""
+        notes.append(f"{name} left out ({SERVICE_RULES[name].floor_mib} MiB, {missing} MiB short): "
+                     f"{reasons[name]}; it runs on a host of {minimum_memory_mib(back)} MiB{instead}")
+    return notes
 
 
 def plan_postgres(db_mib: int, cores: int, max_connections: int, disk_gib: int | None) -> PostgresPlan:
@@ -407,29 +547,56 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
     if size.disk_gib is not None and size.disk_gib < MIN_DISK_GIB:
         raise HostTooSmall(f"a disk of {size.disk_gib} GiB is too small for Dify: it needs at least "
                            f"{MIN_DISK_GIB} GiB for the database, uploads and Redis dumps.")
-    services = plan_services(options)
-    images = resolve_images(services, options.images, options.dify_version)
+    requested = plan_services(options)
 
-    # Rule: the sum of all hard limits plus the reserve fits the host's memory.
+    # Rule: the sum of all hard limits plus the reserve fits the host's memory; where the
+    # requested services' floors do not, AUTO_LEAVE_OUT decides what goes, and the plan says so.
     reserve = reserve_mib(size.memory_mib)
     budget = size.memory_mib - reserve
+    services, left_out = fit_services(requested, budget)
+    if sum(SERVICE_RULES[name].floor_mib for name in services) > budget:
+        raise HostTooSmall(too_small_message(size, requested))
+    images = resolve_images(services, options.images, options.dify_version)
     rules = {name: SERVICE_RULES[name] for name in services}
-    if sum(rule.floor_mib for rule in rules.values()) > budget:
-        raise HostTooSmall(too_small_message(size, services))
     memory = water_fill(budget, rules)
     cores = size.cpus
 
-    # Rule: worker counts follow cores and budget. One gevent gunicorn process per 512 MiB
-    # above a 128 MiB base (a Dify api process sits near 450 MiB), never more than the cores
-    # (gevent already multiplexes I/O within one process).
-    api_workers = max(1, min(cores, (memory["api"] - 128) // 512, 8))
+    # Rule: worker counts follow cores and the measured footprints. gunicorn workers: as many
+    # as the api's limit holds at the measured peak per worker (api_need_mib), never more than
+    # the cores (gevent already multiplexes I/O within one process).
+    api_workers = max(1, max((n for n in range(1, min(cores, 8) + 1) if api_need_mib(n) <= memory["api"]),
+                             default=1))
     worker_connections = 10  # upstream default: greenlets per gunicorn process
-    # Celery runs gevent greenlets in ONE process; each running task (document indexing can
-    # take hundreds of MiB) needs ~192 MiB above a 256 MiB base.
-    celery_amount = max(1, min(4 * cores, (memory["worker"] - 256) // 192))
+    # Celery runs gevent greenlets in ONE process whose memory is never given back (measured);
+    # a watchdog in the worker (sitecustomize) asks it for a warm shutdown once its anonymous
+    # memory crosses worker_restart_anon_mib, and the warm shutdown lets every running task
+    # finish. So the limit must hold that threshold plus one large document's growth for each
+    # task in flight plus the file pages it is charged for, and the threshold must stay above
+    # the worker's idle + jieba memory, or it would restart after every first indexing task.
+    # What protects the tasks: Dify sets its Celery config in code (api/extensions/ext_celery.py:
+    # no task_acks_late, nothing read from the environment for it), so late acks cannot be set
+    # from here. The warm shutdown is what keeps them: Celery stops taking new messages, waits
+    # for every running task to finish, and with --prefetch-multiplier 1 (the entrypoint's) a
+    # message fetched but not started stays unacknowledged, and the Redis transport puts it back
+    # on the queue when the worker closes. The broker never evicts (noeviction, appendonly).
+    task_growth = math.ceil(MARGIN * INDEX_TASK_MIB)
+    restart_anon_min = WORKER_IDLE_ANON_MIB + JIEBA_MIB + 20  # 540 measured, +20 for noise
+
+    def restart_anon(concurrency: int) -> int:
+        return memory["worker"] - WORKER_FILE_MIB - concurrency * task_growth
+
+    celery_amount = max(1, max((c for c in range(1, 4 * cores + 1)
+                                if worker_need_mib(c) <= memory["worker"] and restart_anon(c) >= restart_anon_min),
+                               default=1))
+    worker_restart_anon_mib = restart_anon(celery_amount)
+    # Uploads: the per-task growth above was measured with an 8 MB document, the largest tried;
+    # a bigger cap (upstream's 15 MB) would need a measurement, not a guess.
+    upload_file_size_limit_mb = MEASURED_DOCUMENT_MB
     graph_workers = max(2, min(10, 2 * cores, memory["worker"] // 128))
-    # Dify's web runs Next.js under pm2 (upstream default 2 instances, ~150-250 MiB each).
-    web_instances = max(1, min(cores, memory.get("web", 0) // 256))
+    # Dify's web runs Next.js under pm2: as many node instances as the web's limit holds at the
+    # measured peak with NODE_OPTIONS bounding V8's heaps (web_need_mib).
+    web_instances = max(1, max((n for n in range(1, cores + 1) if web_need_mib(n) <= memory.get("web", 0)),
+                               default=1))
     pgvector_max = 2 if options.vector_store == "pgvector" else 0
 
     # Rule: PgBouncer (transaction mode) sits between api/worker/beat and Postgres. Each
@@ -471,7 +638,14 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
     # GC: lower gen-0 threshold collects cycles sooner (measured: higher thresholds raised peak
     # RSS 1.75x-3.3x). Set explicitly everywhere: Python 3.13's own default moved to 2000.
     gc_threshold = (500, 10, 10) if per_process_api_mib < 1024 else (700, 10, 10)
-    max_requests = 500 if per_process_api_mib < 1024 else 1000
+    # Rule: no gunicorn recycling (no --max-requests) at any size. Measured on the real api:
+    # with one worker each recycle left nothing serving for 14-37 s while the app reloaded (7
+    # outages in 17 min); with 3 workers and jitter 50 all recycled within 23 s of each other
+    # (40 of 88 GETs timed out); even 300 + jitter 200 on 2 workers restarted both within 1 s,
+    # twice in 150 s. Workers serve in lock-step, so a jitter narrower than requests-per-reload
+    # never spreads them, and at a busy site no jitter is wide enough. The api's limit holds its
+    # measured peak instead; a slow leak (#11510) ends at that limit, where verify reports it.
+    gunicorn_cmd_args = ""
     return Plan(
         host=size,
         preset=nearest_preset(size),
@@ -504,15 +678,19 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
             celery_worker_amount=celery_amount,
             graph_engine_max_workers=graph_workers,
             web_pm2_instances=web_instances,
+            web_node_options=WEB_NODE_OPTIONS,
+            worker_restart_anon_mib=worker_restart_anon_mib,
+            worker_watchdog_interval_s=WATCHDOG_INTERVAL_S,
+            upload_file_size_limit_mb=upload_file_size_limit_mb,
             pools=pools,
             pgvector_max_connection=pgvector_max,
             plugin_db_max_open_conns=plugin_open,
             plugin_db_max_idle_conns=plugin_open // 2,
-            # Recycling bounds slow leaks (#11510, #22233) to one worker's lifetime.
-            gunicorn_cmd_args=f"--max-requests {max_requests} --max-requests-jitter {max_requests // 10}",
+            gunicorn_cmd_args=gunicorn_cmd_args,
             gc_threshold=gc_threshold,
             malloc_arena_max=2,  # threaded CPython RSS: fewer glibc arenas
         ),
         log_max_size_mib=10,
         log_max_files=3,
+        tradeoffs=tradeoff_notes(left_out, requested, budget),
     )

@@ -159,9 +159,21 @@ def test_plan_json_has_the_ledger_for_every_service_compose_runs(edgefit, tmp_pa
 
 def test_plan_text_is_the_ledger(edgefit):
     result = ok(edgefit("plan", "--preset", "2C4G"))
+    plan = json.loads(ok(edgefit("plan", "--preset", "2C4G", "--json")).stdout)
+    # every service has a ledger line, or a trade-off line saying it was left out and why
     for name in CORE_SERVICES:
-        assert re.search(rf"^{name}\s+\d+ MiB", result.stdout, re.M), name
+        listed = re.search(rf"^{name}\s+\d+ MiB", result.stdout, re.M)
+        left_out = re.search(rf"^  - {name} left out \(", result.stdout, re.M)
+        assert bool(listed) != bool(left_out), name
+        assert bool(listed) == (name in plan["services"]), name
+    assert len(plan["tradeoffs"]) == len(CORE_SERVICES) - len(plan["services"])
+    for note in plan["tradeoffs"]:
+        assert f"  - {note}" in result.stdout
     assert "of 4096 MiB" in result.stdout
+    dify = plan["dify"]
+    assert f"passes {dify['worker_restart_anon_mib']} MiB" in result.stdout
+    assert f"documents up to {dify['upload_file_size_limit_mb']} MB" in result.stdout
+    assert f"NODE_OPTIONS={dify['web_node_options']}" in result.stdout
     assert result.stderr == ""
 
 

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefit.plan import PRESETS, VECTOR_STORES, HostSize, Options, make_plan, minimum_memory_mib, plan_services
+from edgefit.plan import PRESETS, VECTOR_STORES, HostSize, Options, make_plan, minimum_host_mib, plan_services
 from edgefit.render import render_stack, write_stack
 from edgefit.secrets import Secrets
 
@@ -134,7 +134,7 @@ def hosts(draw):
     options = Options(vector_store=draw(st.sampled_from(VECTOR_STORES)),
                       without=draw(st.sampled_from([frozenset(), LEAN, frozenset({"plugin_daemon"}),
                                                     frozenset({"web", "worker_beat"})])))
-    minimum = minimum_memory_mib(plan_services(options))
+    minimum = minimum_host_mib(plan_services(options))
     memory = draw(st.one_of(st.integers(minimum, minimum + 8192), st.integers(minimum, 256 * 1024)))
     disk = draw(st.none() | st.integers(20, 2000))
     return HostSize(draw(st.integers(1, 64)), memory, disk), options
@@ -176,6 +176,12 @@ def test_rendered_files_carry_the_plan(case):
         pool = plan.dify.pools[role]
         assert f'SQLALCHEMY_POOL_SIZE: "{pool.pool_size}"' in blocks[role]
         assert f'SQLALCHEMY_MAX_OVERFLOW: "{pool.max_overflow}"' in blocks[role]
+    # the watchdog's threshold reaches the worker, and only the worker
+    assert setting(blocks["worker"], "      EDGEFIT_WORKER_RESTART_ANON_MIB", ": ") == f'"{plan.dify.worker_restart_anon_mib}"'
+    assert "EDGEFIT_WORKER_RESTART_ANON_MIB" not in blocks["api"]
+    if "web" in blocks:
+        assert setting(blocks["web"], "      NODE_OPTIONS", ": ") == f'"{plan.dify.web_node_options}"'
+        assert setting(blocks["web"], "      PM2_INSTANCES", ": ") == f'"{plan.dify.web_pm2_instances}"'
 
     for path, redis in (("conf/redis/redis.conf", plan.redis), ("conf/redis-broker/redis.conf", plan.redis_broker)):
         conf = files[path]
@@ -201,6 +207,11 @@ def test_rendered_files_carry_the_plan(case):
     assert setting(env, "SERVER_WORKER_AMOUNT", "=") == str(plan.dify.server_worker_amount)
     assert setting(env, "CELERY_WORKER_AMOUNT", "=") == str(plan.dify.celery_worker_amount)
     assert setting(env, "GRAPH_ENGINE_MAX_WORKERS", "=") == str(plan.dify.graph_engine_max_workers)
+    assert setting(env, "UPLOAD_FILE_SIZE_LIMIT", "=") == str(plan.dify.upload_file_size_limit_mb)
+    if plan.dify.gunicorn_cmd_args:
+        assert setting(env, "GUNICORN_CMD_ARGS", "=") == plan.dify.gunicorn_cmd_args
+    else:
+        assert not re.search(r"^GUNICORN_CMD_ARGS", env, re.M), "no recycling: gunicorn gets no such line"
     assert setting(env, "VECTOR_STORE", "=") == plan.vector_store
     assert setting(env, "REDIS_HOST", "=") == "redis"
     assert "@redis_broker:" in setting(env, "CELERY_BROKER_URL", "="), "the broker is its own instance"

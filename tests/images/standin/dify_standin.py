@@ -30,7 +30,21 @@ Every role also serves:
   GET /debug/connect?n=N         -> opens and holds N Postgres connections (bounded by
                                     SQLALCHEMY_POOL_SIZE + SQLALCHEMY_MAX_OVERFLOW, as
                                     one Dify process's SQLAlchemy pool would be)
+  GET /debug/model               -> the memory model's state (below)
+  GET /debug/index?mb=N&hold=S   -> (worker) one economy-indexing task of an N MB document,
+                                    running S seconds
 ``ALLOCATE_MIB_AT_START=N`` allocates before serving (any role).
+
+A memory model of Dify, not Dify: api, worker, beat and web hold the anonymous memory the real
+processes were measured to hold (DIFY_MEMORY below, each figure citing its row of
+../shared/notes/dify-memory.md): the baseline at start (per gunicorn worker for the api, per node
+instance plus pm2 for the web), growth per request up to the measured peak (api; web, whose peak
+depends on NODE_OPTIONS), the worker's growth per indexing task kept as a high-water mark (jieba
+on the first), and the api's gunicorn recycling from GUNICORN_CMD_ARGS: a recycled worker serves
+nothing for the measured reload time (14-37 s) times ``STANDIN_TIME_SCALE`` (default 1).
+``STANDIN_MEMORY_MODEL=off`` turns the model off. SIGTERM is a warm shutdown: running indexing
+tasks finish first (Celery's), and the worker role starts edgefit's memory watchdog from the
+mounted sitecustomize as the real `celery worker` process does.
 ``STANDIN_LISTEN`` / ``STANDIN_PORT`` override the address and port; ``STANDIN_CHECK_TIMEOUT``
 (default 5 s) bounds each DB/Redis probe, and the probes run in parallel.
 
@@ -89,11 +103,17 @@ def rss_bytes() -> int:
         return 0
 
 
-def allocate(mib: int) -> int:
-    """Allocate mib MiB and write one byte in every page so the kernel really backs it."""
+def touched(mib: int) -> bytearray:
+    """mib MiB with one byte written in every page, so the kernel really backs it."""
     buf = bytearray(mib * MIB)
     # bytearray() may come from calloc'd zero pages that cost nothing until written.
     buf[::PAGE] = b"\x01" * len(range(0, len(buf), PAGE))
+    return buf
+
+
+def allocate(mib: int) -> int:
+    """Allocate mib MiB, every page touched, and hold it."""
+    buf = touched(mib)
     with _held_lock:
         _held_memory.append(buf)
         return sum(len(b) for b in _held_memory) // MIB
@@ -110,6 +130,228 @@ def release() -> None:
         except Exception:
             pass
     gc.collect()
+
+
+# ---- the memory model: the real Dify's measured memory, in ONE place ----------------------
+#
+# Every figure the stand-in reproduces, with the row of ../shared/notes/dify-memory.md it comes
+# from (Dify 1.12.1, gunicorn gevent, celery -P gevent, edgefit 2C4G/4C8G settings; MiB). The
+# stand-in is a memory MODEL of Dify, not Dify: it allocates and touches this much anonymous
+# memory at the moments the real processes did; it runs none of Dify's code.
+DIFY_MEMORY = {
+    # anonymous memory at start ("idle ... (anon)" column of the figures table)
+    "api_idle_anon_per_gunicorn_worker": 336,  # api, 1 gunicorn worker: 336 (upstream and 2C4G)
+    "worker_idle_anon": 320,  # worker, gevent -c 2: 320 (318 at -c 1: concurrency costs nothing idle)
+    "beat_idle_anon": 314,  # beat: 314 idle and at peak
+    # api growth under requests, up to the measured peak anon, then flat
+    "api_peak_anon_one_worker": 572,  # api, 1 gunicorn worker, edgefit 2C4G: peak anon 572
+    "api_peak_anon_per_extra_worker": 396,  # 3 workers, 4C8G: peak anon 1363 = 572 + 2 x ~396
+    "api_growth_per_request": 1,  # cgroup notes: rss 318 -> 544 in 3 s after a recycle, 30 clients
+    # a recycled gunicorn worker serves nothing while the app reloads
+    "api_reload_seconds": (14, 37),  # "each of the 7 recycles ... left no worker serving for 14-37 s"
+    # worker growth per indexing task, never given back under gevent (the high-water mark stays)
+    "jieba_first_index": 220,  # "The first keyword-indexing task loads jieba's dictionary: +220, kept"
+    "index_task_base": 78,  # fit through two documents: 1 MB -> ~83 ((1320-439-220)/8, -c 8 row)
+    "index_task_per_mb": 4.6,  # ... and 8 MB -> ~115 (774 peak - 439 idle - 220 jieba, -c 2 row)
+    # web: pm2 manager + node instances (web table, PSS)
+    "web_pm2_manager": 45,  # "The pm2 manager itself costs ~79 RSS / 45 PSS"
+    "web_idle_per_instance": 111,  # node x1, old=128 + semi=16: idle 113 / 111
+    "web_peak_per_instance_bounded": 290,  # node x1, old=128 + semi=16: peak 291 / 290
+    "web_peak_per_instance_unbounded": 786,  # node x1, no flags: peak 789 / 786
+    "web_growth_per_request": 1,  # not measured per request; reaches the peak within the wrk run
+}
+
+
+def index_task_mib(document_mb: float) -> int:
+    """Anonymous memory one economy-indexing task of this document takes beyond jieba."""
+    return round(DIFY_MEMORY["index_task_base"] + DIFY_MEMORY["index_task_per_mb"] * document_mb)
+
+
+def web_bounded(env: dict[str, str]) -> bool:
+    """True when NODE_OPTIONS bounds V8's heaps as measured (both flags are needed: old space
+    alone did not hold memory down)."""
+    options = env.get("NODE_OPTIONS", "")
+    return "--max-old-space-size" in options and "--max-semi-space-size" in options
+
+
+def gunicorn_workers(env: dict[str, str]) -> int:
+    return max(1, int(env.get("SERVER_WORKER_AMOUNT", "1") or 1))
+
+
+def pm2_instances(env: dict[str, str]) -> int:
+    return max(1, int(env.get("PM2_INSTANCES", "2") or 2))  # the image's default is 2
+
+
+def baseline_anon_mib(role: str, env: dict[str, str]) -> int:
+    """Anonymous memory a role holds once started, as the real process did."""
+    if role == "api":
+        return DIFY_MEMORY["api_idle_anon_per_gunicorn_worker"] * gunicorn_workers(env)
+    if role == "worker":
+        return DIFY_MEMORY["worker_idle_anon"]
+    if role == "beat":
+        return DIFY_MEMORY["beat_idle_anon"]
+    if role == "web":
+        return DIFY_MEMORY["web_pm2_manager"] + DIFY_MEMORY["web_idle_per_instance"] * pm2_instances(env)
+    return 0
+
+
+def peak_anon_mib(role: str, env: dict[str, str]) -> int:
+    """Where growth under requests stops (the measured peak); baseline for roles that do not grow."""
+    if role == "api":
+        extra = gunicorn_workers(env) - 1
+        return DIFY_MEMORY["api_peak_anon_one_worker"] + DIFY_MEMORY["api_peak_anon_per_extra_worker"] * extra
+    if role == "web":
+        per = DIFY_MEMORY["web_peak_per_instance_bounded" if web_bounded(env) else "web_peak_per_instance_unbounded"]
+        return DIFY_MEMORY["web_pm2_manager"] + per * pm2_instances(env)
+    return baseline_anon_mib(role, env)
+
+
+def growth_per_request_mib(role: str) -> int:
+    return {"api": DIFY_MEMORY["api_growth_per_request"], "web": DIFY_MEMORY["web_growth_per_request"]}.get(role, 0)
+
+
+def recycling(env: dict[str, str]) -> tuple[int, int] | None:
+    """(max_requests, jitter) from GUNICORN_CMD_ARGS as gunicorn reads them; None: no recycling."""
+    args = env.get("GUNICORN_CMD_ARGS", "").split()
+    values = {}
+    for flag in ("--max-requests", "--max-requests-jitter"):
+        for index, arg in enumerate(args):
+            if arg == flag and index + 1 < len(args):
+                values[flag] = int(args[index + 1])
+            elif arg.startswith(flag + "="):
+                values[flag] = int(arg.split("=", 1)[1])
+    max_requests = values.get("--max-requests", 0)
+    if max_requests <= 0:  # gunicorn: 0 disables recycling
+        return None
+    return max_requests, max(0, values.get("--max-requests-jitter", 0))
+
+
+def reload_seconds(env: dict[str, str], rng) -> float:
+    """How long a recycled api worker serves nothing: the measured 14-37 s times
+    STANDIN_TIME_SCALE (default 1: the real figure; tests shrink it)."""
+    low, high = DIFY_MEMORY["api_reload_seconds"]
+    return rng.uniform(low, high) * float(env.get("STANDIN_TIME_SCALE", "1") or 1)
+
+
+def model_enabled(env: dict[str, str]) -> bool:
+    return env.get("STANDIN_MEMORY_MODEL", "dify").strip().lower() not in ("off", "0", "no", "false")
+
+
+class MemoryModel:
+    """The role's modelled memory: a baseline at start, growth per request up to the measured
+    peak (api, web), the worker's indexing growth kept as a high-water mark (gevent never gives
+    memory back), and the api's gunicorn workers, recycled after --max-requests (+ jitter) and
+    serving nothing while they reload."""
+
+    def __init__(self, role: str, env: dict[str, str], rng=None):
+        import random
+        self.role, self.env = role, env
+        self.rng = rng or random.Random()
+        self.enabled = model_enabled(env)
+        self.lock = threading.Condition()
+        self.chunks: list[bytearray] = []
+        self.mib = 0
+        self.jieba_loaded = False
+        self.index_kept = 0  # high-water of indexing memory above baseline and jieba
+        self.index_in_flight = 0
+        self.tasks_running = 0
+        self.workers = gunicorn_workers(env) if role == "api" else 1
+        self.recycle = recycling(env) if role == "api" else None
+        self.served = [0] * self.workers
+        self.limit = [self._next_limit() for _ in range(self.workers)]
+        self.back_at = [0.0] * self.workers
+        self.grown = [0] * self.workers  # request growth held per gunicorn worker
+        self.recycles = 0
+
+    def _next_limit(self) -> int | None:
+        if self.recycle is None:
+            return None
+        max_requests, jitter = self.recycle
+        return max_requests + self.rng.randint(0, jitter)
+
+    def _grow(self, mib: int) -> None:
+        # 1 MiB pieces (glibc mmaps each), so a recycled worker's growth really goes back
+        self.chunks.extend(touched(1) for _ in range(max(0, mib)))
+        self.mib += max(0, mib)
+
+    def _shrink_to(self, mib: int) -> None:
+        while self.mib > max(0, mib):
+            self.chunks.pop()
+            self.mib -= 1
+
+    def start(self) -> None:
+        if self.enabled:
+            with self.lock:
+                self._grow(baseline_anon_mib(self.role, self.env))
+
+    def request(self) -> None:
+        """One request: wait for a serving gunicorn worker (the listen backlog), count it, grow."""
+        if not self.enabled:
+            return
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                ready = [i for i in range(self.workers) if self.back_at[i] <= now]
+                if ready:
+                    break
+                self.lock.wait(timeout=max(0.01, min(self.back_at) - now))
+            slot = min(ready, key=lambda i: self.served[i])
+            self.served[slot] += 1
+            room = peak_anon_mib(self.role, self.env) - self.mib
+            step = min(growth_per_request_mib(self.role), max(0, room))
+            self._grow(step)
+            self.grown[slot] += step
+            if self.limit[slot] is not None and self.served[slot] >= self.limit[slot]:
+                # recycled: its growth is gone, and it serves nothing until the app has reloaded
+                self._shrink_to(self.mib - self.grown[slot])
+                self.grown[slot] = 0
+                self.served[slot] = 0
+                self.limit[slot] = self._next_limit()
+                self.back_at[slot] = time.monotonic() + reload_seconds(self.env, self.rng)
+                self.recycles += 1
+
+    def index(self, document_mb: float, hold_s: float = 0.0) -> dict:
+        """One economy-indexing task in the worker: jieba on the first, then the document's own
+        growth on top of the tasks in flight; memory is kept at its high-water mark."""
+        growth = index_task_mib(document_mb)
+        with self.lock:
+            self.tasks_running += 1
+            if self.enabled and not self.jieba_loaded:
+                self._grow(DIFY_MEMORY["jieba_first_index"])
+                self.jieba_loaded = True
+            self.index_in_flight += growth
+            if self.enabled and self.index_in_flight > self.index_kept:
+                self._grow(self.index_in_flight - self.index_kept)
+                self.index_kept = self.index_in_flight
+        try:
+            if hold_s > 0:
+                time.sleep(hold_s)
+        finally:
+            with self.lock:
+                self.index_in_flight -= growth
+                self.tasks_running -= 1
+                self.lock.notify_all()
+        return {"document_mb": document_mb, "growth_mib": growth, "model_mib": self.mib}
+
+    def wait_for_tasks(self, timeout_s: float) -> bool:
+        """Celery's warm shutdown: running tasks finish before the process exits."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while self.tasks_running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.lock.wait(timeout=left)
+        return True
+
+    def state(self) -> dict:
+        with self.lock:
+            return {"enabled": self.enabled, "model_mib": self.mib,
+                    "baseline_mib": baseline_anon_mib(self.role, self.env) if self.enabled else 0,
+                    "peak_mib": peak_anon_mib(self.role, self.env), "jieba_loaded": self.jieba_loaded,
+                    "index_kept_mib": self.index_kept, "tasks_running": self.tasks_running,
+                    "gunicorn_workers": self.workers, "recycles": self.recycles,
+                    "serving": sum(1 for t in self.back_at if t <= time.monotonic())}
 
 
 # ---- backing services, configured the way Dify reads them -------------------------------
@@ -246,8 +488,9 @@ def connect_many(env: dict[str, str], n: int) -> dict:
 
 # ---- HTTP ---------------------------------------------------------------------------------
 
-def make_handler(role: str, env: dict[str, str]):
+def make_handler(role: str, env: dict[str, str], model: MemoryModel | None = None):
     health_path = ROLES[role][2]
+    model = model or MemoryModel(role, {**env, "STANDIN_MEMORY_MODEL": "off"})
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "dify-standin/1"
@@ -271,6 +514,8 @@ def make_handler(role: str, env: dict[str, str]):
             url = urllib.parse.urlsplit(self.path)
             query = urllib.parse.parse_qs(url.query)
             path = url.path
+            if not path.startswith("/debug/"):  # Dify's traffic, not the tests' instruments
+                model.request()
             if path == health_path or (path == "/health" and role != "web"):
                 if role == "web" and path == "/":
                     return self._send(200, b"<!doctype html><title>dify-web stand-in (NOT Dify)</title>\n",
@@ -299,6 +544,18 @@ def make_handler(role: str, env: dict[str, str]):
                     return self._send(400, {"error": "mib out of range 0..65536"})
                 held = allocate(mib) if mib else sum(len(b) for b in _held_memory) // MIB
                 return self._send(200, {"pid": os.getpid(), "held_mib": held, "rss_bytes": rss_bytes()})
+            if path == "/debug/model":
+                return self._send(200, {"pid": os.getpid(), "role": role, **model.state(),
+                                        "rss_bytes": rss_bytes()})
+            if path == "/debug/index" and role == "worker":
+                try:
+                    mb = float(query.get("mb", ["1"])[0])
+                    hold = float(query.get("hold", ["0"])[0])
+                except ValueError:
+                    return self._send(400, {"error": "mb and hold must be numbers"})
+                if not 0 < mb <= 1024 or not 0 <= hold <= 3600:
+                    return self._send(400, {"error": "mb out of range (0, 1024] or hold out of [0, 3600]"})
+                return self._send(200, {"pid": os.getpid(), **model.index(mb, hold)})
             if path == "/debug/release":
                 release()
                 return self._send(200, {"pid": os.getpid(), "held_mib": 0, "rss_bytes": rss_bytes()})
@@ -329,7 +586,15 @@ def serve(env: dict[str, str]) -> None:
     port = int(env.get("STANDIN_PORT", port))
     if int(env.get("ALLOCATE_MIB_AT_START", "0") or 0) > 0:
         allocate(int(env["ALLOCATE_MIB_AT_START"]))
-    httpd = ThreadingHTTPServer((listen, port), make_handler(role, env))
+    model = MemoryModel(role, env)
+    model.start()  # the anonymous memory the real process holds once started
+    if role == "worker":
+        # Stands in for `celery worker`: edgefit's sitecustomize starts its memory watchdog in
+        # that process only, so the stand-in asks for it the same way.
+        site = sys.modules.get("sitecustomize")
+        if hasattr(site, "start_worker_watchdog"):
+            site.start_worker_watchdog()
+    httpd = ThreadingHTTPServer((listen, port), make_handler(role, env, model))
     httpd.daemon_threads = True
 
     def stop(signum, frame):
@@ -339,11 +604,15 @@ def serve(env: dict[str, str]) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"dify-standin (NOT Dify) role={role} pid={os.getpid()} listening on {listen}:{port} "
-          f"health={health_path} gc_threshold={gc.get_threshold()}", file=sys.stderr, flush=True)
+          f"health={health_path} gc_threshold={gc.get_threshold()} memory model "
+          f"{model.state()['model_mib']} MiB", file=sys.stderr, flush=True)
     try:
         httpd.serve_forever(poll_interval=0.5)
     finally:
         httpd.server_close()
+        # Celery's warm shutdown: running (indexing) tasks finish before the process exits.
+        if not model.wait_for_tasks(float(env.get("STANDIN_WARM_SHUTDOWN_S", "600"))):
+            print("dify-standin: warm shutdown timed out with tasks running", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
