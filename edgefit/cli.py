@@ -238,10 +238,15 @@ def command_rebuild(args: argparse.Namespace) -> int:
     return _lifecycle_call(lambda lc: lc.rebuild(args.inventory, args.limit, Path(args.to), args.fresh, args.yes))
 
 
-def _host_arguments(parser: argparse.ArgumentParser) -> None:
+def _host_arguments(parser: argparse.ArgumentParser, to: bool = False, yes: bool = False) -> None:
     parser.add_argument("inventory", metavar="INVENTORY", help="pyinfra inventory, e.g. inventory/staging.py")
     parser.add_argument("--limit", action="append", metavar="HOST",
                         help="only this host or group (glob patterns as pyinfra's --limit); repeatable")
+    if to:
+        parser.add_argument("--to", default="backups", metavar="DIR",
+                            help="where backups land on this machine (default backups/, as backups/HOST/STAMP/)")
+    if yes:
+        parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,8 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "database, storage, plugin daemon data, the broker Redis' snapshot, the secrets file, a "
                     "manifest with sha256 of each file) under /var/backups/edgefit/STAMP/, copied to "
                     "TO/HOST/STAMP/ here (0700/0600) and its checksums verified. Secret values are never printed.")
-    _host_arguments(backup_parser)
-    backup_parser.add_argument("--to", default="backups", metavar="DIR", help="where backups land here (default backups/)")
+    _host_arguments(backup_parser, to=True)
     backup_parser.add_argument("--keep", type=int, default=3, metavar="N",
                                help="complete backups kept on each host; older ones are removed (default 3)")
     backup_parser.set_defaults(handler=command_backup)
@@ -312,10 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "touched), then per host: restore.py (stop the stack, keep the current data under "
                     "DATA_ROOT/.pre-restore-TIME/, restore databases, files, broker Redis and secrets), deploy.py "
                     "(renders the restored secrets with the host's own plan, starts the stack) and verify.")
-    _host_arguments(restore_parser)
+    _host_arguments(restore_parser, yes=True)
     restore_parser.add_argument("--from", dest="source", required=True, metavar="BACKUP_DIR",
                                 help="a backup on this machine, e.g. backups/edge-small/20250101T120000Z")
-    restore_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     restore_parser.set_defaults(handler=command_restore)
 
     rebuild_parser = commands.add_parser(
@@ -326,11 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "restored (unless --fresh), verify. Progress is kept in TO/HOST/rebuild-state.json, so a re-run "
                     "after an interruption reuses the backup it took.",
         epilog="Exit codes: 0 rebuilt and verified; 1 a step or verify failed; 2 refused (not staging, bad input).")
-    _host_arguments(rebuild_parser)
-    rebuild_parser.add_argument("--to", default="backups", metavar="DIR", help="where the backup lands (default backups/)")
+    _host_arguments(rebuild_parser, to=True, yes=True)
     rebuild_parser.add_argument("--fresh", action="store_true",
                                 help="start with empty data (deleted only after the backup reached this machine)")
-    rebuild_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     rebuild_parser.set_defaults(handler=command_rebuild)
     return parser
 
