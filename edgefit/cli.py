@@ -1,7 +1,7 @@
-"""edgefit's command line: plan, render, verify (rebuild joins as it is built).
+"""edgefit's command line: plan, render, verify, backup, restore, rebuild.
 
-Exit codes: 0 fine, 1 a check failed, 2 bad input or a host too small (one sentence on stderr,
-never a traceback).
+Exit codes: 0 fine, 1 a check or a step failed, 2 bad input, a refused host or a host too small
+(one sentence on stderr, never a traceback).
 """
 
 from __future__ import annotations
@@ -220,6 +220,56 @@ def command_verify(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
 
 
+def _lifecycle_call(function, *arguments) -> int:
+    """backup/restore/rebuild: Refused is exit 2, a failed step exit 1, both one sentence."""
+    from edgefit import lifecycle  # gevent and pyinfra: only when these commands run
+
+    try:
+        result = function(lifecycle, *arguments)
+    except lifecycle.Refused as error:
+        raise UsageError(str(error)) from None
+    except lifecycle.StepFailed as error:
+        print(f"edgefit: failed: {error}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0  # backup returns where its copies went
+
+
+def _existing_inventory(args: argparse.Namespace) -> None:
+    if args.inventory.endswith(".py") and not Path(args.inventory).is_file():
+        raise UsageError(f"inventory {args.inventory} does not exist")
+
+
+def command_backup(args: argparse.Namespace) -> int:
+    if args.keep < 1:
+        raise UsageError(f"--keep must be 1 or more, got {args.keep}")
+    _existing_inventory(args)
+    return _lifecycle_call(lambda lc: lc.backup(args.inventory, args.limit, Path(args.to), args.keep))
+
+
+def command_restore(args: argparse.Namespace) -> int:
+    source = Path(args.source)
+    if not source.is_dir():
+        raise UsageError(f"--from {source} is not a directory (a backup is backups/HOST/STAMP)")
+    _existing_inventory(args)
+    return _lifecycle_call(lambda lc: lc.restore(args.inventory, args.limit, source, args.yes))
+
+
+def command_rebuild(args: argparse.Namespace) -> int:
+    _existing_inventory(args)
+    return _lifecycle_call(lambda lc: lc.rebuild(args.inventory, args.limit, Path(args.to), args.fresh, args.yes))
+
+
+def _host_arguments(parser: argparse.ArgumentParser, to: bool = False, yes: bool = False) -> None:
+    parser.add_argument("inventory", metavar="INVENTORY", help="pyinfra inventory, e.g. inventory/staging.py")
+    parser.add_argument("--limit", action="append", metavar="HOST",
+                        help="only this host or group (glob patterns as pyinfra's --limit); repeatable")
+    if to:
+        parser.add_argument("--to", default="backups", metavar="DIR",
+                            help="where backups land on this machine (default backups/, as backups/HOST/STAMP/)")
+    if yes:
+        parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="edgefit",
@@ -269,6 +319,41 @@ def build_parser() -> argparse.ArgumentParser:
     verify_parser.add_argument("--json", metavar="FILE", help="also write the full result as JSON to FILE")
     verify_parser.add_argument("--strict", action="store_true", help="treat warnings as failures (exit 1)")
     verify_parser.set_defaults(handler=command_verify)
+
+    backup_parser = commands.add_parser(
+        "backup", help="back up each host's stack and copy it to this machine",
+        description="Per host, a consistent backup made on the host by backup.py (pg_dump -Fc of every "
+                    "database, storage, plugin daemon data, the broker Redis' snapshot, the secrets file, a "
+                    "manifest with sha256 of each file) under /var/backups/edgefit/STAMP/, copied to "
+                    "TO/HOST/STAMP/ here (0700/0600) and its checksums verified. Secret values are never printed.")
+    _host_arguments(backup_parser, to=True)
+    backup_parser.add_argument("--keep", type=int, default=3, metavar="N",
+                               help="complete backups kept on each host; older ones are removed (default 3)")
+    backup_parser.set_defaults(handler=command_backup)
+
+    restore_parser = commands.add_parser(
+        "restore", help="put a backup onto deployed hosts, then verify",
+        description="Checks every checksum of the backup first (a damaged one is refused before anything is "
+                    "touched), then per host: restore.py (stop the stack, keep the current data under "
+                    "DATA_ROOT/.pre-restore-TIME/, restore databases, files, broker Redis and secrets), deploy.py "
+                    "(renders the restored secrets with the host's own plan, starts the stack) and verify.")
+    _host_arguments(restore_parser, yes=True)
+    restore_parser.add_argument("--from", dest="source", required=True, metavar="BACKUP_DIR",
+                                help="a backup on this machine, e.g. backups/edge-small/20250101T120000Z")
+    restore_parser.set_defaults(handler=command_restore)
+
+    rebuild_parser = commands.add_parser(
+        "rebuild", help="back up, tear down, deploy from scratch and restore staging hosts",
+        description="Only for staging hosts (in a `staging` group or edgefit_role = \"staging\"); any other host "
+                    "is refused before anything is touched. Per host: backup (copied here), docker compose down and "
+                    "the rendered files removed (with --fresh, then the data), deploy.py from scratch, the backup "
+                    "restored (unless --fresh), verify. Progress is kept in TO/HOST/rebuild-state.json, so a re-run "
+                    "after an interruption reuses the backup it took.",
+        epilog="Exit codes: 0 rebuilt and verified; 1 a step or verify failed; 2 refused (not staging, bad input).")
+    _host_arguments(rebuild_parser, to=True, yes=True)
+    rebuild_parser.add_argument("--fresh", action="store_true",
+                                help="start with empty data (deleted only after the backup reached this machine)")
+    rebuild_parser.set_defaults(handler=command_rebuild)
     return parser
 
 

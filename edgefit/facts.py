@@ -193,3 +193,39 @@ class HostState(FactBase):
         return {"files": files, "directories": directories, "units": units, "sysctl": sysctl,
                 "images": sorted(images), "compose_version": compose, "snapshot": snapshot,
                 "units_need_reload": sorted(name for name, unit in units.items() if unit["need_reload"])}
+
+
+class PostgresCluster(FactBase):
+    """Where an existing Postgres cluster lies under the data root (its PG_VERSION), or None.
+
+    Looks in the data root, and on the data disk when it is not mounted yet (a host reinstalled
+    with its data disk kept): the disk is mounted read-only, without journal replay, on a
+    temporary directory and unmounted again. The secrets role reads this before it would make
+    new secrets that could not open that cluster.
+    """
+
+    @staticmethod
+    def default():
+        return None
+
+    def command(self, data_root: str, device: str | None = None) -> str:
+        relative = ("postgres/pgdata/PG_VERSION", "postgres/PG_VERSION")  # PGDATA is a subdirectory
+        look = " ".join(shlex.quote(f"{data_root}/{path}") for path in relative)
+        script = f"for p in {look}; do test -f \"$p\" && {{ echo \"$p\"; exit 0; }}; done; "
+        if device:
+            dev = shlex.quote(device)
+            script += (
+                f"test -b {dev} || exit 0; test -n \"$(blkid -o value -s TYPE {dev})\" || exit 0; "
+                f"m=$(findmnt -n -o TARGET --source {dev} | head -1); "
+                f"if [ -n \"$m\" ]; then for r in {' '.join(relative)}; do "
+                f"test -f \"$m/$r\" && {{ echo \"{device}:$r\"; exit 0; }}; done; exit 0; fi; "
+                "t=$(mktemp -d); "
+                f"mount -o ro,noload {dev} \"$t\" 2>/dev/null || mount -o ro {dev} \"$t\" 2>/dev/null || {{ rmdir \"$t\"; exit 0; }}; "
+                f"for r in {' '.join(relative)}; do test -f \"$t/$r\" && {{ echo \"{device}:$r\"; break; }}; done; "
+                "umount \"$t\"; rmdir \"$t\"; "
+            )
+        return script + "true"
+
+    def process(self, output):
+        found = [line.strip() for line in output if line.strip()]
+        return found[0] if found else None

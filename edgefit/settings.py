@@ -24,6 +24,7 @@ from edgefit.units import SizeError, parse_mib
 
 PREFIX = "edgefit_"
 DOCKER_SOURCES = ("debian", "docker", "preinstalled")
+ROLES = ("production", "staging")  # only a staging host may be rebuilt (edgefit rebuild)
 
 
 class SettingsError(ValueError):
@@ -157,6 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
             "install a systemd timer that runs verify on the host"),
     Setting("edgefit_verify_timer_every", "systemd time span", "5min", check_timer_span,
             "how often the verify timer runs"),
+    Setting("edgefit_role", "production or staging", "production", one_of(ROLES),
+            "staging hosts (or hosts in a `staging` group) may be torn down by `edgefit rebuild`"),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 

@@ -62,3 +62,9 @@ edgefit_health_timeout = 900
 # deploys. Off by default; setting it back to False removes the timer on the next deploy.
 edgefit_verify_timer = False
 edgefit_verify_timer_every = "5min"  # a systemd time span: 300s, 5min, 1h
+
+# --- Role
+# "production" or "staging". `edgefit rebuild` (tear down, deploy from scratch, restore the
+# backup it took first) runs only on staging hosts: hosts with edgefit_role = "staging" or in an
+# inventory group named `staging`. It refuses every other host before touching anything.
+edgefit_role = "production"

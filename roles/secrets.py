@@ -6,6 +6,11 @@ would lock Dify out of its own database). Values are never printed or passed to 
 that could show them. Every rendered file depends on them, so they are made while pyinfra
 prepares the deploy, after every input check of the facts role has passed; under --dry they
 are not made and throwaway values stand in.
+
+Secrets follow the data: when the secrets file is missing but the data root (or the data disk)
+already holds a Postgres cluster, new secrets would open neither that cluster nor the
+credentials Dify encrypted with its SECRET_KEY, so the deploy refuses before writing anything
+and says how to bring the old ones back.
 """
 
 import shlex
@@ -15,8 +20,9 @@ from dataclasses import fields
 from pyinfra import host
 from pyinfra.api import DeployError, deploy
 
-from edgefit.facts import SECRETS_PATH, SecretsFile, parse_key_values
+from edgefit.facts import SECRETS_PATH, PostgresCluster, SecretsFile, parse_key_values
 from edgefit.secrets import Secrets, SecretsError
+from edgefit.settings import read_settings
 
 SECRET_NAMES = [f.name.upper() for f in fields(Secrets)]
 
@@ -31,6 +37,17 @@ def _generate_missing_command() -> str:
     return f"set -e; umask 077; mkdir -p /etc/edgefit; touch {path}; chmod 600 {path}; {adds}"
 
 
+def refusal(host_name: str, secrets_text: str | None, cluster: str | None) -> str | None:
+    """The sentence that stops the deploy when it would make new secrets over existing data."""
+    if secrets_text is not None or cluster is None:
+        return None
+    return (f"{host_name}: {SECRETS_PATH} is missing but {cluster} shows an existing Postgres cluster, which new "
+            "secrets could not open (nor decrypt the credentials Dify stored); copy the secrets.env of this "
+            f"host's backup (edgefit backup keeps it in backups/{host_name}/STAMP/secrets.env) back to "
+            f"{SECRETS_PATH} with mode 0600 and re-run the deploy, or move the data aside to start empty "
+            "and then `edgefit restore`. Nothing was changed")
+
+
 def _dry_run() -> bool:
     return "--dry" in sys.argv
 
@@ -40,6 +57,12 @@ def ensure_secrets() -> Secrets:
     text = host.get_fact(SecretsFile)
     present = parse_key_values((text or "").splitlines())
     missing = [name for name in SECRET_NAMES if not present.get(name)]
+    if text is None:
+        options = read_settings(host.data).options  # already checked by check_and_plan
+        cluster = host.get_fact(PostgresCluster, data_root=options.data_root, device=options.data_disk)
+        problem = refusal(host.name, text, cluster)
+        if problem:
+            raise DeployError(problem)
     if missing:
         if _dry_run():
             host.noop(f"would generate {len(missing)} secret(s) in {SECRETS_PATH} on the host")

@@ -64,6 +64,7 @@ def test_group_data_defaults_pass_their_own_checks():
     ({"edgefit_data_disk": "/dev/vdb; reboot"}, ["edgefit_data_disk", "/dev/vdb; reboot"]),
     ({"edgefit_image_tarball": "/nonexistent/images.tar"}, ["edgefit_image_tarball", "does not exist"]),
     ({"edgefit_without": ["db"]}, ["cannot leave out db"]),
+    ({"edgefit_role": "prod"}, ["edgefit_role", "'prod' is not one of production, staging"]),
 ])
 def test_bad_settings_are_refused_in_one_sentence_naming_the_setting(data, words):
     with pytest.raises(SettingsError) as caught:
