@@ -25,6 +25,7 @@ PSI_SOME_AVG60 = 20.0
 BROKER_FULL, BROKER_NEAR = 0.95, 0.80  # used_memory / maxmemory of a noeviction Redis
 STATE_ORDER = ["missing", "exited", "restarting", "OOM-killed", "no limit", "over budget", "unhealthy",
                "limit drift", "restarted", "near limit", "cpu pinned", "starting", "not in plan", "ok"]
+PLANNED_RECYCLING = ("worker",)  # services that end themselves on purpose, with exit code 0
 STACK_DIR = "/opt/edgefit"  # where the deploy puts docker-compose.yml (edgefit/render.py)
 
 
@@ -246,8 +247,14 @@ def _judge_running(service, start, end, window: Window, findings, states) -> Non
         states.append("restarting" if end.get("restarting") else "exited")
         findings.add("fail", "not_running", f"{service} is {status}" + (f" (exit code {code})" if code else ""), service)
     restarts = (end.get("restart_count") or 0) - (start.get("restart_count") or 0)
-    if restarts > 0 or (end.get("id") and start.get("id") and start.get("pid") and end.get("pid")
-                        and start.get("pid") != end.get("pid")):
+    restarted = restarts > 0 or (end.get("id") and start.get("id") and start.get("pid") and end.get("pid")
+                                 and start.get("pid") != end.get("pid"))
+    if restarted and service in PLANNED_RECYCLING and end.get("exit_code") == 0 and not end.get("oom_killed"):
+        # The worker's memory watchdog (templates/sitecustomize.py.j2) ends it with a warm
+        # shutdown, exit 0, before its limit: planned, not a crash.
+        findings.add("info", "recycled", f"{service} was recycled during the window (clean exit: "
+                                         "the memory watchdog's warm shutdown)", service)
+    elif restarted:
         states.append("restarted")
         findings.add("fail", "restart", f"{service} restarted {max(restarts, 1)} time(s) during the "
                                         f"{window.seconds:g}s window", service)

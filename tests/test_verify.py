@@ -131,6 +131,23 @@ def test_an_oom_kill_with_a_restart_fails_and_names_the_container(fake):
     assert all(f["service"] == "api" for f in fails(report))  # nothing else is blamed
 
 
+def test_the_workers_planned_recycling_is_not_a_failure_but_a_crash_is(fake):
+    def restart(service: str, exit_code: int) -> dict:
+        end = json.loads(json.dumps(fake.state["containers"]))
+        record = next(c for c in end if c["Id"] == fake.container(service)["Id"])
+        record["RestartCount"] = 1
+        record["State"].update(Pid=9999, ExitCode=exit_code, FinishedAt=docker_time(fake.now - 2),
+                               StartedAt=docker_time(fake.now - 1))
+        fake.state["containers_end"] = end
+        return fake.judge()
+
+    report = restart("worker", 0)  # the memory watchdog's warm shutdown
+    assert report["verdict"] == "ok", fails(report)
+    assert [f["kind"] for f in report["findings"] if f["service"] == "worker"] == ["recycled"]
+    assert fails(restart("worker", 1), "restart", "worker")  # a crash is still a failure
+    assert fails(restart("api", 0), "restart", "api")  # only the worker recycles itself
+
+
 def test_an_old_oom_kill_outside_the_lookback_only_warns(fake):
     api = fake.container("api")
     api["State"]["StartedAt"] = docker_time(fake.now - 3 * 86400)
