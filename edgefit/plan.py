@@ -560,6 +560,34 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
     rules = {name: SERVICE_RULES[name] for name in services}
     memory = water_fill(budget, rules)
     cores = size.cpus
+    dify = plan_dify(memory, cores, services, options)
+    pgbouncer, max_connections = plan_connections(dify, cores)
+    return Plan(
+        host=size,
+        preset=nearest_preset(size),
+        reserve_mib=reserve,
+        swap_mib=swap_mib(size),
+        vector_store=options.vector_store,
+        data_root=options.data_root,
+        domain=options.domain,
+        data_disk=options.data_disk,
+        verify_timer_every=options.verify_timer_every,
+        weaviate_gomemlimit_mib=(int(memory["weaviate"] * GOMEMLIMIT_SHARE) if "weaviate" in memory else None),
+        services={name: ServicePlan(memory[name], service_cpus(SERVICE_RULES[name], cores), images[name])
+                  for name in services},
+        postgres=plan_postgres(memory["db"], cores, max_connections, size.disk_gib),
+        pgbouncer=pgbouncer,
+        redis=plan_redis(memory["redis"], "allkeys-lru", appendonly=False),
+        redis_broker=plan_redis(memory["redis_broker"], "noeviction", appendonly=True),
+        dify=dify,
+        log_max_size_mib=10,
+        log_max_files=3,
+        tradeoffs=tradeoff_notes(left_out, requested, budget),
+    )
+
+
+def plan_dify(memory: dict[str, int], cores: int, services: list[str], options: Options) -> DifyPlan:
+    """Dify's own processes: worker counts from the measured footprints, pools, GC, recycling."""
 
     # Rule: worker counts follow cores and the measured footprints. gunicorn workers: as many
     # as the api's limit holds at the measured peak per worker (api_need_mib), never more than
@@ -567,28 +595,7 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
     api_workers = max(1, max((n for n in range(1, min(cores, 8) + 1) if api_need_mib(n) <= memory["api"]),
                              default=1))
     worker_connections = 10  # upstream default: greenlets per gunicorn process
-    # Celery runs gevent greenlets in ONE process whose memory is never given back (measured);
-    # a watchdog in the worker (sitecustomize) asks it for a warm shutdown once its anonymous
-    # memory crosses worker_restart_anon_mib, and the warm shutdown lets every running task
-    # finish. So the limit must hold that threshold plus one large document's growth for each
-    # task in flight plus the file pages it is charged for, and the threshold must stay above
-    # the worker's idle + jieba memory, or it would restart after every first indexing task.
-    # What protects the tasks: Dify sets its Celery config in code (api/extensions/ext_celery.py:
-    # no task_acks_late, nothing read from the environment for it), so late acks cannot be set
-    # from here. The warm shutdown is what keeps them: Celery stops taking new messages, waits
-    # for every running task to finish, and with --prefetch-multiplier 1 (the entrypoint's) a
-    # message fetched but not started stays unacknowledged, and the Redis transport puts it back
-    # on the queue when the worker closes. The broker never evicts (noeviction, appendonly).
-    task_growth = math.ceil(MARGIN * INDEX_TASK_MIB)
-    restart_anon_min = WORKER_IDLE_ANON_MIB + JIEBA_MIB + 20  # 540 measured, +20 for noise
-
-    def restart_anon(concurrency: int) -> int:
-        return memory["worker"] - WORKER_FILE_MIB - concurrency * task_growth
-
-    celery_amount = max(1, max((c for c in range(1, 4 * cores + 1)
-                                if worker_need_mib(c) <= memory["worker"] and restart_anon(c) >= restart_anon_min),
-                               default=1))
-    worker_restart_anon_mib = restart_anon(celery_amount)
+    celery_amount, worker_restart_anon_mib = plan_celery(memory["worker"], cores)
     # Uploads: the per-task growth above was measured with an 8 MB document, the largest tried;
     # a bigger cap (upstream's 15 MB) would need a measurement, not a guess.
     upload_file_size_limit_mb = MEASURED_DOCUMENT_MB
@@ -606,34 +613,9 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
         "worker": PoolPlan(1, celery_amount + 2, max(2, celery_amount // 2)),
         "worker_beat": PoolPlan(1 if "worker_beat" in services else 0, 2, 2),
     }
-    vector_clients = (api_workers + 1) * pgvector_max  # pgvector's own psycopg2 pool per process
-    client_demand = sum(pool.client_connections for pool in pools.values()) + vector_clients
-    admin_clients = 10  # psql, verify, migrations while a deploy swaps containers
-    # A waiting client costs PgBouncer a few KiB (measured: 3 -> 10 MiB from 50 to 1000 clients),
-    # so the floor is generous: clients the pools do not model (a second engine, a one-off
-    # script, a burst) queue for a server connection instead of being refused.
-    max_client_conn = max(MIN_MAX_CLIENT_CONN, int(math.ceil((client_demand + admin_clients) * 1.25 / 10) * 10))
-    # Server side: ~5 busy backends per core keeps Postgres's CPUs fed in transaction mode.
-    default_pool_size = max(10, min(60, 5 * cores))
-    reserve_pool = max(2, default_pool_size // 4)
-
     # The plugin daemon (Go/GORM) connects directly: session state we have not proven safe
     # under transaction pooling.
     plugin_open = max(5, min(30, 4 * cores)) if "plugin_daemon" in services else 0
-    # Rule: max_connections covers PgBouncer's server pools plus the direct clients and the
-    # superuser reserve, and nothing more: every idle backend costs memory.
-    direct_admin = 5  # pg_dump, psql, verify straight to Postgres
-    max_connections = default_pool_size + reserve_pool + plugin_open + SUPERUSER_RESERVED_CONNECTIONS + direct_admin
-
-    postgres = plan_postgres(memory["db"], cores, max_connections, size.disk_gib)
-
-    # Rule: Redis's maxmemory leaves 40 % of its container for fork copy-on-write during RDB/AOF
-    # rewrites and allocator fragmentation. Two instances, because no single policy is safe
-    # for both jobs (measured, notes "Redis at maxmemory"): allkeys-lru evicted Celery's
-    # queue and binding keys; noeviction keeps them but then refuses cache writes.
-    def redis_plan(container_mib: int, policy: str, appendonly: bool) -> RedisPlan:
-        return RedisPlan(int(container_mib * 0.6), policy, appendonly)
-
     per_process_api_mib = memory["api"] // api_workers
     # GC: lower gen-0 threshold collects cycles sooner (measured: higher thresholds raised peak
     # RSS 1.75x-3.3x). Set explicitly everywhere: Python 3.13's own default moved to 2000.
@@ -646,51 +628,88 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
     # never spreads them, and at a busy site no jitter is wide enough. The api's limit holds its
     # measured peak instead; a slow leak (#11510) ends at that limit, where verify reports it.
     gunicorn_cmd_args = ""
-    return Plan(
-        host=size,
-        preset=nearest_preset(size),
-        reserve_mib=reserve,
-        swap_mib=swap_mib(size),
-        vector_store=options.vector_store,
-        data_root=options.data_root,
-        domain=options.domain,
-        data_disk=options.data_disk,
-        verify_timer_every=options.verify_timer_every,
-        weaviate_gomemlimit_mib=(int(memory["weaviate"] * GOMEMLIMIT_SHARE) if "weaviate" in memory else None),
-        services={name: ServicePlan(memory[name], service_cpus(SERVICE_RULES[name], cores), images[name])
-                  for name in services},
-        postgres=postgres,
-        pgbouncer=PgBouncerPlan(
-            pool_mode="transaction",
-            default_pool_size=default_pool_size,
-            reserve_pool_size=reserve_pool,
-            max_client_conn=max_client_conn,
-            max_db_connections=default_pool_size + reserve_pool,
-            # PgBouncer needs one descriptor per client and per server ("accept() failed: Too
-            # many open files" at 1000 clients with the default 1024, measured).
-            nofile_limit=max(4096, 2 * (max_client_conn + max_connections) + 100),
-        ),
-        redis=redis_plan(memory["redis"], "allkeys-lru", appendonly=False),
-        redis_broker=redis_plan(memory["redis_broker"], "noeviction", appendonly=True),
-        dify=DifyPlan(
-            server_worker_amount=api_workers,
-            server_worker_connections=worker_connections,
-            celery_worker_amount=celery_amount,
-            graph_engine_max_workers=graph_workers,
-            web_pm2_instances=web_instances,
-            web_node_options=WEB_NODE_OPTIONS,
-            worker_restart_anon_mib=worker_restart_anon_mib,
-            worker_watchdog_interval_s=WATCHDOG_INTERVAL_S,
-            upload_file_size_limit_mb=upload_file_size_limit_mb,
-            pools=pools,
-            pgvector_max_connection=pgvector_max,
-            plugin_db_max_open_conns=plugin_open,
-            plugin_db_max_idle_conns=plugin_open // 2,
-            gunicorn_cmd_args=gunicorn_cmd_args,
-            gc_threshold=gc_threshold,
-            malloc_arena_max=2,  # threaded CPython RSS: fewer glibc arenas
-        ),
-        log_max_size_mib=10,
-        log_max_files=3,
-        tradeoffs=tradeoff_notes(left_out, requested, budget),
+    return DifyPlan(
+        server_worker_amount=api_workers,
+        server_worker_connections=worker_connections,
+        celery_worker_amount=celery_amount,
+        graph_engine_max_workers=graph_workers,
+        web_pm2_instances=web_instances,
+        web_node_options=WEB_NODE_OPTIONS,
+        worker_restart_anon_mib=worker_restart_anon_mib,
+        worker_watchdog_interval_s=WATCHDOG_INTERVAL_S,
+        upload_file_size_limit_mb=upload_file_size_limit_mb,
+        pools=pools,
+        pgvector_max_connection=pgvector_max,
+        plugin_db_max_open_conns=plugin_open,
+        plugin_db_max_idle_conns=plugin_open // 2,
+        gunicorn_cmd_args=gunicorn_cmd_args,
+        gc_threshold=gc_threshold,
+        malloc_arena_max=2,  # threaded CPython RSS: fewer glibc arenas
     )
+
+
+def plan_celery(worker_mib: int, cores: int) -> tuple[int, int]:
+    """-> (Celery concurrency, the watchdog's anonymous-memory threshold in MiB)."""
+    # Celery runs gevent greenlets in ONE process whose memory is never given back (measured);
+    # a watchdog in the worker (sitecustomize) asks it for a warm shutdown once its anonymous
+    # memory crosses worker_restart_anon_mib, and the warm shutdown lets every running task
+    # finish. So the limit must hold that threshold plus one large document's growth for each
+    # task in flight plus the file pages it is charged for, and the threshold must stay above
+    # the worker's idle + jieba memory, or it would restart after every first indexing task.
+    # What protects the tasks: Dify sets its Celery config in code (api/extensions/ext_celery.py:
+    # no task_acks_late, nothing read from the environment for it), so late acks cannot be set
+    # from here. The warm shutdown is what keeps them: Celery stops taking new messages, waits
+    # for every running task to finish, and with --prefetch-multiplier 1 (the entrypoint's) a
+    # message fetched but not started stays unacknowledged, and the Redis transport puts it back
+    # on the queue when the worker closes. The broker never evicts (noeviction, appendonly).
+    task_growth = math.ceil(MARGIN * INDEX_TASK_MIB)
+    restart_anon_min = WORKER_IDLE_ANON_MIB + JIEBA_MIB + 20  # 540 measured, +20 for noise
+
+    def restart_anon(concurrency: int) -> int:
+        return worker_mib - WORKER_FILE_MIB - concurrency * task_growth
+
+    celery_amount = max(1, max((c for c in range(1, 4 * cores + 1)
+                                if worker_need_mib(c) <= worker_mib and restart_anon(c) >= restart_anon_min),
+                               default=1))
+    return celery_amount, restart_anon(celery_amount)
+
+
+def plan_connections(dify: DifyPlan, cores: int) -> tuple[PgBouncerPlan, int]:
+    """PgBouncer's pools and Postgres's max_connections, from every process's own pool."""
+    pools, api_workers, pgvector_max = dify.pools, dify.server_worker_amount, dify.pgvector_max_connection
+    plugin_open = dify.plugin_db_max_open_conns
+    vector_clients = (api_workers + 1) * pgvector_max  # pgvector's own psycopg2 pool per process
+    client_demand = sum(pool.client_connections for pool in pools.values()) + vector_clients
+    admin_clients = 10  # psql, verify, migrations while a deploy swaps containers
+    # A waiting client costs PgBouncer a few KiB (measured: 3 -> 10 MiB from 50 to 1000 clients),
+    # so the floor is generous: clients the pools do not model (a second engine, a one-off
+    # script, a burst) queue for a server connection instead of being refused.
+    max_client_conn = max(MIN_MAX_CLIENT_CONN, int(math.ceil((client_demand + admin_clients) * 1.25 / 10) * 10))
+    # Server side: ~5 busy backends per core keeps Postgres's CPUs fed in transaction mode.
+    default_pool_size = max(10, min(60, 5 * cores))
+    reserve_pool = max(2, default_pool_size // 4)
+
+    # Rule: max_connections covers PgBouncer's server pools plus the direct clients and the
+    # superuser reserve, and nothing more: every idle backend costs memory.
+    direct_admin = 5  # pg_dump, psql, verify straight to Postgres
+    max_connections = default_pool_size + reserve_pool + plugin_open + SUPERUSER_RESERVED_CONNECTIONS + direct_admin
+
+    pgbouncer = PgBouncerPlan(
+        pool_mode="transaction",
+        default_pool_size=default_pool_size,
+        reserve_pool_size=reserve_pool,
+        max_client_conn=max_client_conn,
+        max_db_connections=default_pool_size + reserve_pool,
+        # PgBouncer needs one descriptor per client and per server ("accept() failed: Too
+        # many open files" at 1000 clients with the default 1024, measured).
+        nofile_limit=max(4096, 2 * (max_client_conn + max_connections) + 100),
+    )
+    return pgbouncer, max_connections
+
+
+def plan_redis(container_mib: int, policy: str, appendonly: bool) -> RedisPlan:
+    """Redis's maxmemory leaves 40 % of its container for fork copy-on-write during RDB/AOF
+    rewrites and allocator fragmentation. Two instances, because no single policy is safe for
+    both jobs (measured, notes "Redis at maxmemory"): allkeys-lru evicted Celery's queue and
+    binding keys; noeviction keeps them but then refuses cache writes."""
+    return RedisPlan(int(container_mib * 0.6), policy, appendonly)
