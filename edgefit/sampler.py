@@ -213,41 +213,32 @@ def inspect_view(data: dict) -> dict:
     }
 
 
-class Sampler:
-    def __init__(self, args):
-        self.args = args
-        self.docker = shlex.split(args.docker)
-        self.errors: list[str] = []
-        self.result: dict = {"schema": SCHEMA, "errors": self.errors}
-        self.containers: dict[str, dict] = {}  # id -> record
-        self.checks: dict = {"redis": {}, "postgres": None, "gc": {}}
-        self._end_views: list[dict] | None = None
-        self._events: list[dict] | None = None
-        self._psutil = None
-        try:
-            import psutil  # noqa: PLC0415 - optional
-            self._psutil = psutil
-        except ImportError:
-            pass
+class Docker:
+    """The docker calls the sampler makes, each bounded by the exec timeout; never raises."""
 
-    # -- docker
-    def docker_run(self, *argv: str, extra_s: float = 0.0) -> tuple[int | None, str, str]:
-        return run(self.docker + list(argv), self.args.exec_timeout + extra_s)
+    def __init__(self, args, errors: list[str]):
+        self.args = args
+        self.argv = shlex.split(args.docker)
+        self.errors = errors
+        self.status: dict = {}
+
+    def run(self, *argv: str, extra_s: float = 0.0) -> tuple[int | None, str, str]:
+        return run(self.argv + list(argv), self.args.exec_timeout + extra_s)
 
     def list_containers(self) -> list[dict] | None:
-        code, out, err = self.docker_run("ps", "-aq", "--no-trunc", "--filter",
+        code, out, err = self.run("ps", "-aq", "--no-trunc", "--filter",
                                          f"label=com.docker.compose.project={self.args.project}")
         if code != 0:
-            self.result["docker"] = {"ok": False, "error": (err.strip().splitlines() or ["no output"])[-1]}
+            self.status = {"ok": False, "error": (err.strip().splitlines() or ["no output"])[-1]}
             return None
-        self.result["docker"] = {"ok": True}
+        self.status = {"ok": True}
         ids = out.split()
         return self.inspect(ids) if ids else []
 
     def inspect(self, ids: list[str]) -> list[dict]:
         if not ids:
             return []
-        code, out, err = self.docker_run("inspect", *ids)
+        code, out, err = self.run("inspect", *ids)
         try:
             return [inspect_view(item) for item in json.loads(out)] if out.strip() else []
         except ValueError:
@@ -255,7 +246,7 @@ class Sampler:
             return []
 
     def events(self, since: float, until: float) -> list[dict]:
-        code, out, err = self.docker_run(
+        code, out, err = self.run(
             "events", "--since", str(int(since)), "--until", str(int(until) + 1),  # whole seconds: docker's format
             "--filter", "type=container", "--filter", f"label=com.docker.compose.project={self.args.project}",
             "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}",
@@ -280,6 +271,77 @@ class Sampler:
                 "exit_code": int(exit_code) if exit_code and exit_code.lstrip("-").isdigit() else None,
             })
         return found
+
+
+class ServiceChecks:
+    """Settings read inside the containers through docker exec: Redis, Postgres, GC thresholds."""
+
+    def __init__(self, docker: Docker):
+        self.docker = docker
+
+    def redis_check(self, record: dict, with_config: bool, extra_s: float = 0.0) -> dict:
+        script = ("redis-cli --no-auth-warning -h 127.0.0.1 CONFIG GET 'maxmemory*'; echo '@@INFO@@'; "
+                  "redis-cli --no-auth-warning -h 127.0.0.1 INFO") if with_config else \
+                 "echo '@@INFO@@'; redis-cli --no-auth-warning -h 127.0.0.1 INFO"
+        code, out, err = self.docker.run("exec", record["id"], "sh", "-c", script, extra_s=extra_s)
+        if code != 0 or "@@INFO@@" not in out:
+            return {"error": (err.strip().splitlines() or out.strip().splitlines() or [f"exit {code}"])[-1][:200]}
+        config_part, _, info_part = out.partition("@@INFO@@")
+        result: dict = {}
+        if with_config:
+            lines = [line.strip() for line in config_part.splitlines() if line.strip()]
+            result["config"] = dict(zip(lines[0::2], lines[1::2]))
+        info = {}
+        for line in info_part.splitlines():
+            key, sep, value = line.strip().partition(":")
+            if sep and key in REDIS_INFO_KEYS:
+                info[key] = int(value) if value.isdigit() else value
+        result["info"] = info
+        if not info and with_config and not result["config"]:
+            result["error"] = (out.strip().splitlines() or ["no answer"])[-1][:200]
+        return result
+
+    def postgres_check(self, record: dict, extra_s: float = 0.0) -> dict:
+        names = ",".join(f"'{name}'" for name in POSTGRES_SETTINGS)
+        code, out, err = self.docker.run(
+            "exec", record["id"], "psql", "-U", "postgres", "-d", "postgres", "-XAtq", "-F", "|", "-c",
+            f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})", extra_s=extra_s)
+        if code != 0:
+            return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
+        settings = {}
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3:
+                settings[parts[0]] = {"setting": parts[1], "unit": parts[2]}
+        return {"settings": settings}
+
+    def gc_check(self, record: dict, extra_s: float = 0.0) -> dict:
+        code, out, err = self.docker.run("exec", record["id"], "python3", "-c",
+                                         "import gc; print(gc.get_threshold())", extra_s=extra_s)
+        if code != 0:
+            return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
+        return {"threshold": out.strip()}
+
+
+class Sampler:
+    """One run: the containers, their memory and CPU over the window, the checks, the events."""
+
+    def __init__(self, args):
+        self.args = args
+        self.errors: list[str] = []
+        self.docker = Docker(args, self.errors)
+        self.service_checks = ServiceChecks(self.docker)
+        self.result: dict = {"schema": SCHEMA, "errors": self.errors}
+        self.containers: dict[str, dict] = {}  # id -> record
+        self.checks: dict = {"redis": {}, "postgres": None, "gc": {}}
+        self._end_views: list[dict] | None = None
+        self._events: list[dict] | None = None
+        self._psutil = None
+        try:
+            import psutil  # noqa: PLC0415 - optional
+            self._psutil = psutil
+        except ImportError:
+            pass
 
     # -- memory and CPU of one container
     def processes(self, pid: int) -> list:
@@ -335,50 +397,6 @@ class Sampler:
             "cpu_max": (read_text(os.path.join(directory, "cpu.max")) or "").strip() or None,
         }
 
-    # -- checks through docker exec
-    def redis_check(self, record: dict, with_config: bool, extra_s: float = 0.0) -> dict:
-        script = ("redis-cli --no-auth-warning -h 127.0.0.1 CONFIG GET 'maxmemory*'; echo '@@INFO@@'; "
-                  "redis-cli --no-auth-warning -h 127.0.0.1 INFO") if with_config else \
-                 "echo '@@INFO@@'; redis-cli --no-auth-warning -h 127.0.0.1 INFO"
-        code, out, err = self.docker_run("exec", record["id"], "sh", "-c", script, extra_s=extra_s)
-        if code != 0 or "@@INFO@@" not in out:
-            return {"error": (err.strip().splitlines() or out.strip().splitlines() or [f"exit {code}"])[-1][:200]}
-        config_part, _, info_part = out.partition("@@INFO@@")
-        result: dict = {}
-        if with_config:
-            lines = [line.strip() for line in config_part.splitlines() if line.strip()]
-            result["config"] = dict(zip(lines[0::2], lines[1::2]))
-        info = {}
-        for line in info_part.splitlines():
-            key, sep, value = line.strip().partition(":")
-            if sep and key in REDIS_INFO_KEYS:
-                info[key] = int(value) if value.isdigit() else value
-        result["info"] = info
-        if not info and with_config and not result["config"]:
-            result["error"] = (out.strip().splitlines() or ["no answer"])[-1][:200]
-        return result
-
-    def postgres_check(self, record: dict, extra_s: float = 0.0) -> dict:
-        names = ",".join(f"'{name}'" for name in POSTGRES_SETTINGS)
-        code, out, err = self.docker_run(
-            "exec", record["id"], "psql", "-U", "postgres", "-d", "postgres", "-XAtq", "-F", "|", "-c",
-            f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})", extra_s=extra_s)
-        if code != 0:
-            return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
-        settings = {}
-        for line in out.splitlines():
-            parts = line.split("|")
-            if len(parts) == 3:
-                settings[parts[0]] = {"setting": parts[1], "unit": parts[2]}
-        return {"settings": settings}
-
-    def gc_check(self, record: dict, extra_s: float = 0.0) -> dict:
-        code, out, err = self.docker_run("exec", record["id"], "python3", "-c",
-                                         "import gc; print(gc.get_threshold())", extra_s=extra_s)
-        if code != 0:
-            return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
-        return {"threshold": out.strip()}
-
     def start_checks(self) -> list[threading.Thread]:
         # Started with the window and joined only after it: each may use the whole window plus
         # one exec timeout (docker exec takes seconds on a loaded host).
@@ -392,11 +410,11 @@ class Sampler:
             if kind not in self.args.checks:
                 continue
             if service in REDIS_SERVICES:
-                jobs.append((("redis", service), lambda r=record: self.redis_check(r, True, extra)))
+                jobs.append((("redis", service), lambda r=record: self.service_checks.redis_check(r, True, extra)))
             elif service == POSTGRES_SERVICE:
-                jobs.append((("postgres", None), lambda r=record: self.postgres_check(r, extra)))
+                jobs.append((("postgres", None), lambda r=record: self.service_checks.postgres_check(r, extra)))
             elif service in GC_SERVICES:
-                jobs.append((("gc", service), lambda r=record: self.gc_check(r, extra)))
+                jobs.append((("gc", service), lambda r=record: self.service_checks.gc_check(r, extra)))
         return [self._thread(key, job) for key, job in jobs]
 
     def _thread(self, key, job) -> threading.Thread:
@@ -452,7 +470,8 @@ class Sampler:
                      "samples": []},
             "psutil": self._psutil is not None,
         })
-        found = self.list_containers()
+        found = self.docker.list_containers()
+        self.result["docker"] = self.docker.status
         if found is None:  # docker does not answer: nothing to watch
             self.result.update({"containers": [], "checks": self.checks, "events": [], "files": {},
                                 "ended": time.time(), "elapsed_s": round(time.monotonic() - began, 2)})
@@ -480,10 +499,10 @@ class Sampler:
             for record in self.containers.values():
                 if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES and "redis" in args.checks:
                     end_threads.append(self._thread(("redis_end", record["start"]["service"]),
-                                                    lambda r=record: self.redis_check(r, False, lead)))
+                                                    lambda r=record: self.service_checks.redis_check(r, False, lead)))
             if "events" in args.checks:
                 end_threads.append(self._thread(("events", None),
-                                                lambda: self.events(wall_end - args.events_since, wall_end)))
+                                                lambda: self.docker.events(wall_end - args.events_since, wall_end)))
 
         for index in range(1, samples + 1):
             target = began + index * args.window / samples
@@ -497,7 +516,7 @@ class Sampler:
 
         # End of the window: restart counts and states as they are now. All docker calls run at
         # once, so the run ends at most one --exec-timeout after the window.
-        end_threads.append(self._thread(("inspect_end", None), lambda: self.inspect(list(self.containers))))
+        end_threads.append(self._thread(("inspect_end", None), lambda: self.docker.inspect(list(self.containers))))
         for record in self.containers.values():
             record["cgroup_end"] = self.cgroup_snapshot(record)
         self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))
