@@ -21,18 +21,19 @@ from pyinfra import host
 from pyinfra.api import DeployError, deploy
 
 from edgefit.facts import SECRETS_PATH, PostgresCluster, SecretsFile, parse_key_values
-from edgefit.secrets import Secrets, SecretsError
+from edgefit.secrets import Secrets, SecretsError, random_bytes
 from edgefit.settings import read_settings
 
 SECRET_NAMES = [f.name.upper() for f in fields(Secrets)]
 
 
 def _generate_missing_command() -> str:
-    # 32 random bytes, URL-safe base64: no character needs quoting in .env, URLs or userlist.
-    one = "$(head -c 32 /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')"
+    # Random bytes, URL-safe base64: no character needs quoting in .env, URLs or userlist.
+    def one(name: str) -> str:
+        return f"$(head -c {random_bytes(name)} /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')"
     path = shlex.quote(SECRETS_PATH)
     adds = "; ".join(
-        f"grep -q '^{name}=' {path} || echo \"{name}={one}\" >> {path}" for name in SECRET_NAMES
+        f"grep -q '^{name}=' {path} || echo \"{name}={one(name)}\" >> {path}" for name in SECRET_NAMES
     )
     return f"set -e; umask 077; mkdir -p /etc/edgefit; touch {path}; chmod 600 {path}; {adds}"
 

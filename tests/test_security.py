@@ -1,0 +1,183 @@
+"""Safe by default (issue 10): the init password, secrets kept off every output, TLS, the firewall.
+
+Pure tests: rendered files, commands and the stand-in's setup gate, no host and no VM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from edgefit import lifecycle
+from edgefit.plan import HostSize, Options, make_plan
+from edgefit.render import render_stack
+from edgefit.secrets import INIT_PASSWORD_MAX_LENGTH, Secrets, SecretsError
+from roles.secrets import _generate_missing_command
+
+REPO = Path(__file__).resolve().parent.parent
+STANDIN = REPO / "tests" / "images" / "standin" / "dify_standin.py"
+PLAN = make_plan(HostSize(2, 4096), Options())
+
+
+def rendered(secrets: Secrets, plan=PLAN) -> dict[str, str]:
+    return {f.dest: f.content for f in render_stack(plan, secrets)}
+
+
+# ---------------------------------------------------------------------------------------------
+# INIT_PASSWORD
+
+def test_the_init_password_is_generated_short_enough_for_dify():
+    for _ in range(20):
+        value = Secrets.generate().init_password
+        assert 24 <= len(value) <= INIT_PASSWORD_MAX_LENGTH
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", value)
+
+
+def test_the_host_generates_it_from_18_random_bytes_and_the_others_from_32():
+    command = _generate_missing_command()
+    assert "INIT_PASSWORD=$(head -c 18 /dev/urandom" in command
+    assert "SECRET_KEY=$(head -c 32 /dev/urandom" in command
+
+
+def test_the_host_command_makes_a_valid_secrets_file(tmp_path):
+    target = tmp_path / "secrets.env"
+    command = _generate_missing_command().replace("/etc/edgefit/secrets.env", str(target)).replace(
+        "mkdir -p /etc/edgefit", f"mkdir -p {tmp_path}")
+    subprocess.run(["sh", "-c", command], check=True)
+    secrets = Secrets.from_env(target.read_text())
+    assert len(secrets.init_password) == 24
+
+
+def test_a_too_long_init_password_is_refused_without_showing_it():
+    text = Secrets.generate().to_env()
+    long = "x" * 31 + "Y" * 3
+    text = re.sub(r"^INIT_PASSWORD=.*$", f"INIT_PASSWORD={long}", text, flags=re.M)
+    with pytest.raises(SecretsError, match="INIT_PASSWORD must be at most 30") as caught:
+        Secrets.from_env(text, "given")
+    assert long not in str(caught.value)
+
+
+def test_the_api_gets_the_init_password():
+    secrets = Secrets.generate()
+    env = rendered(secrets)["/opt/edgefit/.env"]
+    assert f"INIT_PASSWORD={secrets.init_password}\n" in env
+    compose = rendered(secrets)["/opt/edgefit/docker-compose.yml"]
+    assert secrets.init_password not in compose
+
+
+# ---------------------------------------------------------------------------------------------
+# `edgefit secret`
+
+def test_only_the_init_password_is_shown_by_default():
+    assert lifecycle.secret_name("init_password", False) == "init_password"
+    assert lifecycle.secret_name("INIT_PASSWORD", False) == "init_password"
+    with pytest.raises(lifecycle.Refused, match="--show-any"):
+        lifecycle.secret_name("secret_key", False)
+    assert lifecycle.secret_name("secret_key", True) == "secret_key"
+    with pytest.raises(lifecycle.Refused, match="not an edgefit secret"):
+        lifecycle.secret_name("root_password", True)
+
+
+def test_the_command_reads_one_line_only():
+    command = lifecycle.secret_command("init_password")
+    assert command == "grep -m1 -e '^INIT_PASSWORD=' /etc/edgefit/secrets.env || true"
+    assert lifecycle.secret_from_lines(["INIT_PASSWORD=abc"], "init_password") == "abc"
+    assert lifecycle.secret_from_lines([], "init_password") is None
+    assert lifecycle.secret_from_lines(["INIT_PASSWORD="], "init_password") is None
+
+
+def _edgefit(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgefit", *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["inventory/edge.py", "--limit", "h", "secret_key"], ["--show-any"]),
+    (["inventory/edge.py", "--limit", "h", "nope"], ["not an edgefit secret"]),
+    (["inventory/nowhere.py", "--limit", "h", "init_password"], ["does not exist"]),
+    (["inventory/edge.py", "--limit", "no-such-host-anywhere", "init_password"], ["no host"]),
+])
+def test_bad_input_to_edgefit_secret_is_one_sentence_and_exit_2(args, words):
+    result = _edgefit("secret", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_edgefit_secret_needs_one_host():
+    result = _edgefit("secret", "inventory/edge.py", "init_password")
+    assert result.returncode == 2 and "--limit" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The stand-in api follows Dify's rule for the first admin
+
+def _standin():
+    spec = importlib.util.spec_from_file_location("dify_standin_security_under_test", STANDIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def standin_api():
+    module = _standin()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), module.make_handler("api", {"INIT_PASSWORD": "right-init-password-000000"}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _call(url: str, body: dict | None = None, cookie: str | None = None) -> tuple[int, dict, str | None]:
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **({"Cookie": cookie} if cookie else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read()), response.headers.get("Set-Cookie")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), None
+
+
+ADMIN = {"email": "owner@example.net", "name": "owner", "password": "Owner-password-1"}
+
+
+def test_setup_is_refused_without_the_init_password(standin_api):
+    assert _call(f"{standin_api}/console/api/init")[1] == {"status": "not_started"}
+    code, body, _ = _call(f"{standin_api}/console/api/setup", ADMIN)
+    assert (code, body["code"]) == (401, "not_init_validated")
+    code, body, _ = _call(f"{standin_api}/console/api/init", {"password": "wrong"})
+    assert (code, body["code"]) == (401, "init_validate_failed")
+    code, body, _ = _call(f"{standin_api}/console/api/init", {"password": "x" * 31})
+    assert code == 400
+    assert _call(f"{standin_api}/console/api/setup")[1] == {"step": "not_started"}
+
+
+def test_setup_with_the_init_password_makes_one_admin_only(standin_api):
+    code, body, cookie = _call(f"{standin_api}/console/api/init", {"password": "right-init-password-000000"})
+    assert (code, body) == (201, {"result": "success"}) and cookie
+    session = cookie.split(";")[0]
+    assert _call(f"{standin_api}/console/api/init", cookie=session)[1] == {"status": "finished"}
+    assert _call(f"{standin_api}/console/api/setup", ADMIN, cookie=session)[:2] == (201, {"result": "success"})
+    code, body, _ = _call(f"{standin_api}/console/api/setup", ADMIN, cookie=session)
+    assert (code, body["code"]) == (403, "already_setup")
+    assert _call(f"{standin_api}/console/api/setup")[1]["step"] == "finished"
+
+
+def test_fixtures_keep_the_dataclass_fields_in_step():
+    assert "init_password" in {f.name for f in dataclasses.fields(Secrets)}
