@@ -253,7 +253,7 @@ def _connected(state, host):
                 host.connect(show_errors=False, raise_exceptions=True)
         except (ConnectError, gevent.Timeout) as error:
             raise StepFailed(f"{host.name} is unreachable: {error}") from None
-    return remote._executor_arguments(state, host)
+    return remote.executor_arguments(state, host)
 
 
 def host_command(state, host, command: str, timeout: int, stdin: str | None = None) -> list[str]:

@@ -181,3 +181,100 @@ def test_setup_with_the_init_password_makes_one_admin_only(standin_api):
 
 def test_fixtures_keep_the_dataclass_fields_in_step():
     assert "init_password" in {f.name for f in dataclasses.fields(Secrets)}
+
+
+# ---------------------------------------------------------------------------------------------
+# No secret in any operation a deploy builds
+
+class _Recorder:
+    """Stands in for pyinfra's operation modules and host: records every call instead of running it."""
+
+    def __init__(self, facts=None):
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.facts = facts or {}
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return self.facts.get(getattr(args[0], "__name__", ""), True) if name == "get_fact" else None
+        return call
+
+
+BARE = {"files": {}, "directories": {}, "units": {}, "sysctl": {}, "images": [], "compose_version": "2.29.0",
+        "snapshot": None, "units_need_reload": []}
+
+
+def _operations(monkeypatch, secrets: Secrets, live: dict) -> list[tuple[str, tuple, dict]]:
+    import roles.docker
+    import roles.host
+    import roles.place_files
+    import roles.record
+    import roles.stack
+    import roles.verify_timer
+    import roles.volumes
+    from edgefit.converge import decide
+    from edgefit.settings import read_settings
+
+    recorder = _Recorder()
+    for module in (roles.docker, roles.host, roles.place_files, roles.record, roles.stack, roles.verify_timer,
+                   roles.volumes):
+        for name in ("files", "server", "apt", "host"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, recorder)
+    settings = read_settings({})
+    files = render_stack(PLAN, secrets)
+    changes = decide(PLAN, files, live)
+    facts = {"swap_mib": 0, "root_free_mib": 50000, "os_id": "debian"}
+    roles.docker.install_docker.__wrapped__(settings, live, facts)
+    roles.volumes.prepare_volumes.__wrapped__(PLAN, live)
+    roles.place_files.place_files.__wrapped__(changes)
+    roles.host.tune_host.__wrapped__(PLAN, changes, live, facts)
+    roles.docker.run_docker.__wrapped__(changes, live)
+    roles.stack.deploy_stack.__wrapped__(PLAN, settings, changes)
+    roles.verify_timer.install_verify_timer.__wrapped__(PLAN, live)
+    roles.record.record_plan.__wrapped__(changes)
+    return recorder.calls
+
+
+def test_no_operation_of_a_deploy_from_bare_names_or_shows_a_secret(monkeypatch):
+    import io
+
+    secrets = Secrets.generate()
+    values = [getattr(secrets, f.name) for f in dataclasses.fields(Secrets)]
+    calls = _operations(monkeypatch, secrets, BARE)
+    assert any(name == "put" for name, _, _ in calls), "a deploy from bare uploads files"
+    for name, args, kwargs in calls:
+        shown = []
+        for value in [*args, *kwargs.values()]:
+            if isinstance(value, io.BytesIO):
+                # The one archive of changed files: gzip, never diffed, to a new path named by its hash.
+                assert value.getvalue()[:2] == b"\x1f\x8b"
+                assert re.fullmatch(r"/var/lib/edgefit/incoming-[0-9a-f]{16}\.tar\.gz", kwargs["dest"])
+            elif isinstance(value, io.StringIO):
+                shown.append(value.getvalue())  # the plan of record: text pyinfra may diff
+            else:
+                shown.append(repr(value))
+        text = "\n".join(shown)
+        for secret in values:
+            assert secret not in text, f"{name} shows a secret"
+
+
+def test_secrets_are_read_by_a_command_whose_output_is_not_printed(monkeypatch):
+    import roles.secrets
+
+    seen = {}
+
+    class Host:
+        name = "h"
+
+        def run_shell_command(self, command, **kwargs):
+            seen.update(kwargs, command=command)
+            return True, type("Output", (), {"stdout_lines": ["SECRET_KEY=x"]})()
+
+    monkeypatch.setattr(roles.secrets, "host", Host())
+    monkeypatch.setattr("edgefit.remote.executor_arguments", lambda state, host: {"_sudo": True})
+    assert roles.secrets._read_secrets_file() == "SECRET_KEY=x\n"
+    assert seen["print_output"] is False and seen["print_input"] is False and seen["_sudo"] is True
+    assert roles.secrets.parse_read([roles.secrets.ABSENT]) is None
+    import edgefit.facts
+    assert not hasattr(edgefit.facts, "SecretsFile"), "no fact holds the secrets (facts print with --debug)"
