@@ -15,17 +15,19 @@ from roles.read_host import read_host_and_decide
 from roles.record import record_plan
 from roles.secrets import ensure_secrets
 from roles.stack import deploy_stack
+from roles.tls import make_certificate
 from roles.verify_timer import install_verify_timer
 from roles.volumes import prepare_volumes
 
 plan, settings, facts = check_host_and_plan()  # every check that can refuse a host happens here
 secrets = ensure_secrets()
-rendered = render_stack(plan, secrets)
+rendered = render_stack(plan, secrets, settings.tls_pair)
 live, changes = read_host_and_decide(plan, rendered)  # the one read; the rest carries changes out
 
 install_docker(settings, live, facts)
 prepare_volumes(plan, live)
 place_files(changes)
+make_certificate(plan, live)
 tune_host(plan, changes, live, facts)
 run_docker(changes, live)
 deploy_stack(plan, settings, changes)

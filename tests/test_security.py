@@ -278,3 +278,169 @@ def test_secrets_are_read_by_a_command_whose_output_is_not_printed(monkeypatch):
     assert roles.secrets.parse_read([roles.secrets.ABSENT]) is None
     import edgefit.facts
     assert not hasattr(edgefit.facts, "SecretsFile"), "no fact holds the secrets (facts print with --debug)"
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS: nginx on 443, 80 redirects, the certificate
+
+def _nginx_conf(**options) -> str:
+    plan = make_plan(HostSize(2, 4096), Options(**options))
+    pair = _test_pair() if options.get("tls") == "provided" else None
+    return {f.path: f.content for f in render_stack(plan, Secrets.generate(), pair)}["conf/nginx/nginx.conf"]
+
+
+_PAIR: dict = {}
+
+
+def _test_pair(tmp: Path | None = None) -> tuple[str, str]:
+    """A self-signed pair made by the deploy's own command, in a temporary directory."""
+    if "pair" not in _PAIR:
+        import tempfile
+
+        from roles.tls import self_signed_command
+        directory = Path(tempfile.mkdtemp(prefix="edgefit-tls-test-"))
+        command = self_signed_command("dify.example.net").replace("/etc/edgefit/tls/self-signed", str(directory))
+        subprocess.run(["sh", "-c", command], check=True, timeout=60)
+        _PAIR["pair"] = ((directory / "cert.pem").read_text(), (directory / "key.pem").read_text())
+        _PAIR["dir"] = directory
+    return _PAIR["pair"]
+
+
+def test_nginx_serves_https_and_port_80_only_redirects():
+    conf = _nginx_conf()
+    assert "listen 443 ssl;" in conf and "listen 80;" in conf
+    assert "return 301 https://$host$request_uri;" in conf
+    assert '"~^http:/\\.well-known/acme-challenge/" 0;' in conf
+    assert "ssl_certificate /etc/nginx/tls/cert.pem;" in conf
+    assert "Strict-Transport-Security" not in conf, "no HSTS with a self-signed certificate"
+    assert "$http_x_forwarded_proto" not in conf, "a client's X-Forwarded-Proto is not trusted"
+
+
+def test_hsts_only_with_a_real_certificate_and_the_proxy_header_only_behind_one():
+    assert 'Strict-Transport-Security "max-age=31536000" always' in _nginx_conf(tls="provided")
+    assert "default $http_x_forwarded_proto;" in _nginx_conf(behind_proxy=True)
+
+
+def test_compose_publishes_80_and_443_and_mounts_the_certificate():
+    plan = make_plan(HostSize(2, 4096), Options())
+    compose = rendered(Secrets.generate(), plan)["/opt/edgefit/docker-compose.yml"]
+    assert '- "80:80"' in compose and '- "443:443"' in compose
+    assert "- /etc/edgefit/tls/self-signed:/etc/nginx/tls:ro" in compose
+    provided = make_plan(HostSize(2, 4096), Options(tls="provided"))
+    files = {f.dest: f for f in render_stack(provided, Secrets.generate(), _test_pair())}
+    assert "- /opt/edgefit/conf/nginx/tls:/etc/nginx/tls:ro" in files["/opt/edgefit/docker-compose.yml"].content
+    key = files["/opt/edgefit/conf/nginx/tls/key.pem"]
+    assert key.mode == 0o600 and key.services == ("nginx",) and "PRIVATE KEY" in key.content
+
+
+def test_the_self_signed_command_is_for_the_name_and_quoted():
+    from roles.tls import certificate_name, self_signed_command
+    assert certificate_name("dify.example.net", "10.0.0.5") == "dify.example.net"
+    assert certificate_name(None, "10.0.0.5") == "10.0.0.5"
+    assert certificate_name(None, "@vagrant/edge-small") == "localhost"
+    command = self_signed_command("dify.example.net")
+    assert "-subj /CN=dify.example.net -addext subjectAltName=DNS:dify.example.net" in command
+    assert "subjectAltName=IP:10.0.0.5" in self_signed_command("10.0.0.5")
+    assert command.index("mv /etc/edgefit/tls/self-signed/cert.pem.new") > command.index("key.pem.new /etc")
+    with pytest.raises(Exception):
+        self_signed_command("x; rm -rf /")
+
+
+def test_the_self_signed_certificate_is_made_only_when_missing(monkeypatch):
+    import roles.tls
+    recorder = _Recorder()
+    monkeypatch.setattr(roles.tls, "host", type("H", (), {"name": "edge", "noop": staticmethod(recorder.noop)})())
+    monkeypatch.setattr(roles.tls, "server", recorder)
+    plan = make_plan(HostSize(2, 4096), Options())
+    roles.tls.make_certificate.__wrapped__(plan, BARE)
+    assert [name for name, _, _ in recorder.calls] == ["noop", "shell"]
+    assert "self-signed" in recorder.calls[0][1][0]
+    recorder.calls.clear()
+    kept = {**BARE, "files": {roles.tls.SELF_SIGNED_CERT: {}, roles.tls.SELF_SIGNED_KEY: {}}}
+    roles.tls.make_certificate.__wrapped__(plan, kept)
+    assert [name for name, _, _ in recorder.calls] == ["noop"], "kept across deploys: no operation"
+
+
+def test_a_provided_pair_is_checked(tmp_path):
+    from edgefit.settings import SettingsError, read_settings
+    cert, key = _test_pair()
+    (tmp_path / "cert.pem").write_text(cert)
+    (tmp_path / "key.pem").write_text(key)
+    settings = read_settings({"edgefit_tls": "provided", "edgefit_tls_certificate": str(tmp_path / "cert.pem"),
+                              "edgefit_tls_key": str(tmp_path / "key.pem")})
+    assert settings.tls_pair == (cert, key) and settings.options.tls == "provided"
+    other = subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                           capture_output=True, text=True, check=True).stdout
+    (tmp_path / "other.pem").write_text(other)
+    for data, words in [
+        ({"edgefit_tls": "provided"}, "needs edgefit_tls_certificate"),
+        ({"edgefit_tls": "provided", "edgefit_tls_certificate": str(tmp_path / "cert.pem"),
+          "edgefit_tls_key": str(tmp_path / "other.pem")}, "is not the key of"),
+        ({"edgefit_tls": "provided", "edgefit_tls_certificate": str(tmp_path / "key.pem"),
+          "edgefit_tls_key": str(tmp_path / "key.pem")}, "is not a PEM certificate"),
+        ({"edgefit_tls_certificate": str(tmp_path / "cert.pem")}, "set edgefit_tls = \"provided\""),
+        ({"edgefit_tls": "acme"}, "not yet supported"),
+    ]:
+        with pytest.raises(SettingsError, match=re.escape(words)) as caught:
+            read_settings(data)
+        assert "PRIVATE KEY" not in str(caught.value)
+
+
+def test_verify_warns_about_a_self_signed_certificate():
+    from edgefit.expectations import expectations
+    plan = make_plan(HostSize(2, 4096), Options())
+    assert expectations(plan, [])["tls"] == "self-signed"
+    assert expectations(make_plan(HostSize(2, 4096), Options(tls="provided")), [])["tls"] == "provided"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.servers
+def test_real_nginx_redirects_to_https_and_serves_the_certificate(tmp_path):
+    import shutil
+    import ssl
+    import time
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (scripts/deps/apt-servers.txt: nginx-light)")
+    _test_pair()
+    http, https = _free_port(), _free_port()
+    conf = (_nginx_conf().replace("/etc/nginx/tls", str(_PAIR["dir"]))
+            .replace("listen 80;", f"listen 127.0.0.1:{http};").replace("listen 443 ssl;", f"listen 127.0.0.1:{https} ssl;")
+            .replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;"))
+    (tmp_path / "nginx.conf").write_text(conf)
+    test = subprocess.run([nginx, "-t", "-q", "-p", str(tmp_path), "-e", "stderr", "-c", str(tmp_path / "nginx.conf")],
+                          capture_output=True, text=True, timeout=30)
+    assert test.returncode == 0, test.stderr
+    server = subprocess.Popen([nginx, "-p", str(tmp_path), "-e", "stderr", "-c", str(tmp_path / "nginx.conf"),
+                               "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+        opener = urllib.request.build_opener(NoRedirect)
+        for _ in range(50):
+            try:
+                opener.open(f"http://127.0.0.1:{http}/edgefit-health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError) as redirect:
+            opener.open(f"http://127.0.0.1:{http}/console/api/setup?x=1", timeout=5)
+        assert redirect.value.code == 301
+        assert redirect.value.headers["Location"] == "https://127.0.0.1/console/api/setup?x=1"
+        with pytest.raises(urllib.error.HTTPError) as challenge:
+            opener.open(f"http://127.0.0.1:{http}/.well-known/acme-challenge/token", timeout=5)
+        assert challenge.value.code == 404, "the ACME challenge path is not redirected"
+        context = ssl.create_default_context(cafile=str(_PAIR["dir"] / "cert.pem"))
+        context.check_hostname = False
+        with urllib.request.urlopen(f"https://127.0.0.1:{https}/edgefit-health", context=context, timeout=5) as ok:
+            assert ok.status == 200 and "Strict-Transport-Security" not in ok.headers
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
