@@ -9,6 +9,7 @@ and the changes it needs (edgefit/converge.py) -> operations -> the plan of reco
 from edgefit.render import render_stack
 from roles.check_and_plan import check_host_and_plan
 from roles.docker import install_docker, run_docker
+from roles.firewall import configure_firewall
 from roles.host import tune_host
 from roles.place_files import place_files
 from roles.read_host import read_host_and_decide
@@ -29,6 +30,7 @@ prepare_volumes(plan, live)
 place_files(changes)
 make_certificate(plan, live)
 tune_host(plan, changes, live, facts)
+configure_firewall(plan, changes, live)
 run_docker(changes, live)
 deploy_stack(plan, settings, changes)
 install_verify_timer(plan, live)

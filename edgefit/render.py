@@ -40,6 +40,8 @@ DOCKER_DATA_DISK_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-di
 TLS_DIR_IN_CONTAINER = "/etc/nginx/tls"
 PROVIDED_TLS_DIR = "/opt/edgefit/conf/nginx/tls"
 SELF_SIGNED_TLS_DIR = "/etc/edgefit/tls/self-signed"
+FIREWALL_RULES = "/etc/edgefit/firewall.nft"  # edgefit's nftables table, loaded whole
+FIREWALL_UNIT = "/etc/systemd/system/edgefit-firewall.service"
 VERIFY_LIB_DIR = "/usr/local/lib/edgefit"  # the verify timer's standard-library modules, as edgefit/*.py
 VERIFY_MODULES = ("sampler.py", "expectations.py", "judge.py", "report.py", "verify_host.py")
 VERIFY_SERVICE = "/etc/systemd/system/edgefit-verify.service"
@@ -152,6 +154,10 @@ def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None 
         StackFile(JOURNALD_CONF, render("journald.conf.j2")),
         StackFile(THP_UNIT, render("thp.service.j2"), systemd_unit=True),
     ]
+    if plan.firewall:
+        files += [StackFile(FIREWALL_RULES, render("firewall.nft.j2", ssh_ports=sorted({22, plan.ssh_port})), 0o600),
+                  StackFile(FIREWALL_UNIT, render("edgefit-firewall.service.j2", firewall_rules=FIREWALL_RULES),
+                            systemd_unit=True)]
     if plan.tls == "provided":
         certificate, key = tls_pair
         files += [StackFile(f"{PROVIDED_TLS_DIR}/cert.pem", certificate, 0o600, services=("nginx",)),

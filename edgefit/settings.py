@@ -194,7 +194,6 @@ class DeploySettings:
     size_override: tuple[int, int] | None  # (cpus, memory MiB)
     health_timeout_s: int
     tls_pair: tuple[str, str] | None = None  # the provided certificate and key, PEM texts (checked)
-    firewall: bool = True
 
 
 def _as_dict(data) -> dict:
@@ -208,6 +207,11 @@ def check_values(data) -> dict[str, Any]:
     Raises SettingsError naming every bad or unknown setting, one sentence each."""
     values = _as_dict(data)
     problems = []
+    ssh_port = values.get("ssh_port")  # pyinfra's own; the firewall keeps it open, so it is checked too
+    if isinstance(ssh_port, str) and ssh_port.isdigit():
+        ssh_port = int(ssh_port)
+    if ssh_port is not None and (isinstance(ssh_port, bool) or not isinstance(ssh_port, int) or not 1 <= ssh_port <= 65535):
+        problems.append(f"ssh_port must be a whole number between 1 and 65535, got {ssh_port!r}")
     for name in sorted(key for key in values if key.startswith(PREFIX) and key not in BY_NAME):
         close = difflib.get_close_matches(name, BY_NAME, n=1)
         problems.append(f"{name} is not an edgefit setting" + (f" (did you mean {close[0]}?)" if close else
@@ -224,6 +228,7 @@ def check_values(data) -> dict[str, Any]:
             problems.append(f"{setting.name}: {str(error).rstrip('.')}")
     if problems:
         raise SettingsError("; ".join(problems))
+    clean["ssh_port"] = ssh_port or 22
     return clean
 
 
@@ -239,6 +244,8 @@ def options_from(values: dict[str, Any]) -> Options:
         verify_timer_every=values["edgefit_verify_timer_every"] if values["edgefit_verify_timer"] else None,
         tls=values["edgefit_tls"],
         behind_proxy=values["edgefit_behind_proxy"],
+        firewall=values["edgefit_firewall"],
+        ssh_port=values.get("ssh_port", 22),
     )
 
 
@@ -262,7 +269,6 @@ def read_settings(data) -> DeploySettings:
         size_override=values["edgefit_size_override"],
         health_timeout_s=values["edgefit_health_timeout"],
         tls_pair=tls_pair,
-        firewall=values["edgefit_firewall"],
     )
 
 

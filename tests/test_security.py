@@ -444,3 +444,115 @@ def test_real_nginx_redirects_to_https_and_serves_the_certificate(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The firewall
+
+def _ruleset(**options) -> str:
+    plan = make_plan(HostSize(2, 4096), Options(**options))
+    return {f.dest: f.content for f in render_stack(plan, Secrets.generate())}.get("/etc/edgefit/firewall.nft")
+
+
+def _accepted_ports(ruleset: str, chain: str) -> set[int]:
+    body = ruleset.split(f"chain {chain} {{", 1)[1].split("}\n\n", 1)[0].split("\n    }", 1)[0]
+    ports = set()
+    for line in body.splitlines():
+        found = re.search(r"tcp dport \{ ([0-9, ]+) \} accept", line)
+        if found:
+            ports |= {int(port) for port in found.group(1).split(",")}
+    return ports
+
+
+def test_the_ruleset_lets_in_only_ssh_80_and_443():
+    rules = _ruleset()
+    assert _accepted_ports(rules, "input") == {22, 80, 443}
+    assert "policy drop;" in rules.split("chain input", 1)[1].split("chain forward", 1)[0]
+    assert _accepted_ports(_ruleset(ssh_port=2222), "input") == {22, 2222, 80, 443}
+    first = rules.split("chain input", 1)[1].splitlines()
+    assert "ct state established,related accept" in first[3], "the running SSH session is kept first"
+
+
+def test_the_ruleset_closes_what_docker_publishes_except_80_and_443():
+    rules = _ruleset()
+    forward = rules.split("chain forward", 1)[1]
+    assert "hook forward priority filter - 10" in forward, "before Docker's filter chains (priority 0)"
+    assert 'oifname "br-*" ct status dnat tcp dport { 80, 443 } accept' in forward
+    assert forward.index('oifname "br-*" drop') > forward.index("ct status dnat")
+    assert rules.count("table inet edgefit {") == 2 and "delete table inet edgefit" in rules
+    assert "flush ruleset" not in rules, "only edgefit's own table is touched"
+
+
+def test_no_firewall_files_when_it_is_off():
+    assert _ruleset(firewall=False) is None
+
+
+def test_ssh_port_is_checked():
+    from edgefit.settings import SettingsError, read_settings
+    assert read_settings({"ssh_port": 2222}).options.ssh_port == 2222
+    assert read_settings({"ssh_port": "2222"}).options.ssh_port == 2222
+    assert read_settings({}).options.ssh_port == 22
+    for bad in (0, 70000, "22; rm -rf /", True):
+        with pytest.raises(SettingsError, match="ssh_port"):
+            read_settings({"ssh_port": bad})
+
+
+def _firewall_calls(monkeypatch, plan, changes, live):
+    import roles.firewall
+    recorder = _Recorder()
+    monkeypatch.setattr(roles.firewall, "server", recorder)
+    monkeypatch.setattr(roles.firewall, "apt", recorder)
+    roles.firewall.configure_firewall.__wrapped__(plan, changes, live)
+    return recorder.calls
+
+
+def test_the_firewall_role_acts_only_when_the_host_asks_for_it(monkeypatch):
+    from edgefit.converge import decide
+    import roles.firewall
+    plan = make_plan(HostSize(2, 4096), Options())
+    files = render_stack(plan, Secrets.generate())
+    bare = _firewall_calls(monkeypatch, plan, decide(plan, files, BARE), BARE)
+    assert [name for name, _, _ in bare] == ["packages", "shell"]
+    command = bare[1][2]["commands"][0]
+    assert command.startswith("/usr/sbin/nft -c -f /etc/edgefit/firewall.nft && ")
+    assert "sshd listens on port" in command and command.endswith("/usr/sbin/nft list table inet edgefit >/dev/null")
+    from edgefit.converge import sha256
+    at_plan = {**BARE, "files": {f.dest: {"sha256": sha256(f.content), "mode": f.mode, "uid": f.owner_uid or 0}
+                                 for f in files} | {roles.firewall.NFT: {}},
+               "units": {"edgefit-firewall.service": {"enabled": "enabled", "active": "active"}}}
+    changes = decide(plan, files, at_plan)
+    assert not [f.dest for f in changes.upload if "firewall" in f.dest]
+    assert _firewall_calls(monkeypatch, plan, changes, at_plan) == [], "a host at its plan: no operation"
+    off = make_plan(HostSize(2, 4096), Options(firewall=False))
+    removed = _firewall_calls(monkeypatch, off, changes, at_plan)
+    assert [name for name, _, _ in removed] == ["shell"]
+    assert "nft delete table inet edgefit" in removed[0][2]["commands"][0]
+    assert _firewall_calls(monkeypatch, off, changes, BARE) == []
+
+
+def test_the_ssh_guard_refuses_to_close_the_port_sshd_listens_on(tmp_path):
+    from roles.firewall import ssh_guard_command
+    fake = tmp_path / "ss"
+    fake.write_text("#!/bin/sh\necho 'LISTEN 0 128 0.0.0.0:2200 0.0.0.0:* users:((\"sshd\",pid=1,fd=3))'\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    refused = subprocess.run(["sh", "-c", ssh_guard_command([22])], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "sshd listens on port 2200" in refused.stderr
+    assert subprocess.run(["sh", "-c", ssh_guard_command([22, 2200])], env=env).returncode == 0
+
+
+@pytest.mark.servers
+def test_the_ruleset_loads_in_nftables_twice(tmp_path):
+    import os
+    import shutil
+    nft, unshare = shutil.which("nft") or "/usr/sbin/nft", shutil.which("unshare")
+    if not Path(nft).exists() or not unshare or os.geteuid() != 0:
+        pytest.skip("needs root, nft (nftables) and unshare to load the ruleset in a network namespace of its own")
+    path = tmp_path / "firewall.nft"
+    path.write_text(_ruleset(ssh_port=2222))
+    # In a network namespace of its own: this machine's firewall is never touched.
+    done = subprocess.run([unshare, "-n", "sh", "-c", f"{nft} -f {path} && {nft} -f {path} && {nft} list ruleset"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("table inet edgefit") == 1, "loaded again, replaced whole (not doubled)"
+    assert "tcp dport { 22, 2222 } accept" in done.stdout
