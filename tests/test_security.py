@@ -556,3 +556,13 @@ def test_the_ruleset_loads_in_nftables_twice(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("table inet edgefit") == 1, "loaded again, replaced whole (not doubled)"
     assert "tcp dport { 22, 2222 } accept" in done.stdout
+
+
+def test_the_plugin_daemon_gets_no_secret_key_nor_init_password():
+    secrets = Secrets.generate()
+    compose = rendered(secrets)["/opt/edgefit/docker-compose.yml"]
+    daemon = compose.split("\n  plugin_daemon:\n", 1)[1].split("\n\n", 1)[0]
+    assert "env_file:" not in daemon
+    for name in ("SECRET_KEY", "INIT_PASSWORD", "REDIS_BROKER_PASSWORD", "CELERY_BROKER_URL"):
+        assert f"{name}:" not in daemon
+    assert "DB_PASSWORD: ${DB_PASSWORD:?DB_PASSWORD missing from .env}" in daemon
