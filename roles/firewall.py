@@ -59,7 +59,7 @@ def configure_firewall(plan: Plan, changes: Changes, live: dict) -> None:
             server.shell(name="Remove edgefit's firewall (edgefit_firewall is off)", commands=[remove_command()])
         return
     if NFT not in live["files"]:
-        apt.packages(name="nftables", packages=["nftables"])
+        apt.packages(name="nftables", packages=["nftables"], update=True)
     changed = any(f.dest == FIREWALL_RULES for f in changes.upload)
     if changed or not unit_ready(live, UNIT):
         allowed = sorted({22, plan.ssh_port})
