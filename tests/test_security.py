@@ -295,10 +295,13 @@ _PAIR: dict = {}
 def _test_pair(tmp: Path | None = None) -> tuple[str, str]:
     """A self-signed pair made by the deploy's own command, in a temporary directory."""
     if "pair" not in _PAIR:
+        import atexit
+        import shutil
         import tempfile
 
         from roles.tls import self_signed_command
         directory = Path(tempfile.mkdtemp(prefix="edgefit-tls-test-"))
+        atexit.register(shutil.rmtree, directory, True)
         command = self_signed_command("dify.example.net").replace("/etc/edgefit/tls/self-signed", str(directory))
         subprocess.run(["sh", "-c", command], check=True, timeout=60)
         _PAIR["pair"] = ((directory / "cert.pem").read_text(), (directory / "key.pem").read_text())
