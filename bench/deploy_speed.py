@@ -60,7 +60,7 @@ def operations_run(done: subprocess.CompletedProcess, host: str) -> int | None:
         results = json.loads(done.stdout[start:])["results"]
     except (ValueError, KeyError):
         return None
-    return sum(1 for op in results.get("operations", []) if host in op.get("success", []) + op.get("error", []))
+    return sum(1 for op in results.get("operations", []) if host in op.get("success", []) + op.get("error", []) + op.get("no_change", []))
 
 
 def deploy(*extra: str, limit: str = "edge-small", timeout: float = STEP_TIMEOUT_S):

@@ -4,6 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests share the machine with software-emulated VMs in CI: no per-example deadline.
+settings.register_profile("edgefit", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edgefit")
 
 # `tests.vm...` must import however pytest was started (.venv/bin/pytest does not put the
 # repository on sys.path; tests/ has no __init__.py).

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import os
 import pwd
+import re
 import resource
 import shutil
 import signal
@@ -69,6 +70,16 @@ def require_module(module: str, package: str):
     except ImportError:
         missing(f"the Python module {module} is missing: install the PyPI package {package} "
                 "(`.venv/bin/pip install -e '.[test]'`).")
+
+
+def postgres_programs() -> tuple[str, str, str, str, str]:
+    """initdb, postgres, pgbench, psql and pgbouncer, each checked (and psycopg, for probes)."""
+    require_module("psycopg", "psycopg[binary]")
+    return (require_executable(PG_BIN / "initdb", "postgresql-15"),
+            require_executable(PG_BIN / "postgres", "postgresql-15"),
+            require_executable(PG_BIN / "pgbench", "postgresql-15"),
+            require_executable(PG_BIN / "psql", "postgresql-client-15"),
+            require_executable("pgbouncer", "pgbouncer"))
 
 
 def compose_binary() -> str:
@@ -295,6 +306,26 @@ class Server:
 
 # ---------------------------------------------------------------------------------------------
 # Postgres units
+
+PGBENCH_MODES = {"select-only": ["-S"], "tpc-b": []}  # pgbench's built-in scripts, by name
+
+
+def pgbench_numbers(output: str) -> dict[str, float]:
+    """The figures of pgbench's summary (stdout) that are present: clients, processed and
+    failed transactions, tps (without the initial connections) and connect_ms."""
+    numbers = {}
+    for key, pattern in {
+        "clients": r"number of clients: (\d+)",
+        "processed": r"number of transactions actually processed: (\d+)",
+        "failed": r"number of failed transactions: (\d+)",
+        "tps": r"tps = ([\d.]+)",
+        "connect_ms": r"initial connection time = ([\d.]+) ms",
+    }.items():
+        match = re.search(pattern, output)
+        if match:
+            numbers[key] = float(match.group(1))
+    return numbers
+
 
 _UNITS_KIB = {"kB": 1, "MB": 1024, "GB": 1024 ** 2, "TB": 1024 ** 3}
 

@@ -1,8 +1,9 @@
-"""The bench's claims, regress-tested: `bench/pool_and_policy.py --quick --json` runs the real
-servers once and the structure of its results is asserted here - who refuses clients and why,
-which broker keys survive - never a timing or a throughput.
+"""The server benches' claims, regress-tested: `bench/postgres_pool.py --quick --json` and
+`bench/redis_policy.py --quick --json` run the real servers once each and the structure of their
+results is asserted here - who refuses clients and why, which broker keys survive - never a
+timing or a throughput.
 
-~30 s: one initdb, a few 2-4 s pgbench runs at 50 and 200 clients, three Redis fills.
+~40 s: one initdb, a few 2-4 s pgbench runs at 50 and 200 clients, three Redis fills.
 """
 
 from __future__ import annotations
@@ -16,28 +17,20 @@ from pathlib import Path
 import pytest
 
 from edgefit.plan import PRESETS, HostSize, Options, make_plan
-from servers_helpers import PG_BIN, missing, require_executable, require_module
+from servers_helpers import missing, postgres_programs, require_executable, require_module
 
 pytestmark = pytest.mark.servers
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench" / "pool_and_policy.py"
 EXIT_MISSING_TOOL = 77
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    for program, package in ((PG_BIN / "postgres", "postgresql-15"), (PG_BIN / "pgbench", "postgresql-15"),
-                             (PG_BIN / "psql", "postgresql-client-15"), ("pgbouncer", "pgbouncer"),
-                             ("redis-server", "redis-server")):
-        require_executable(program, package)
-    require_module("redis", "redis")
-    require_module("psycopg", "psycopg[binary]")
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+def run_bench(script: str, out: Path) -> dict:
+    """Run one bench command with --quick --json; its results, after checking it cleaned up."""
     tmp = Path(tempfile.gettempdir())
     before = set(tmp.glob("edgefit-bench-*"))
-    result = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", "--json", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240)
     if result.returncode == EXIT_MISSING_TOOL:
         missing(result.stderr.strip())
     assert result.returncode == 0, f"the bench failed:\n{result.stdout}\n{result.stderr}"
@@ -47,18 +40,33 @@ def bench(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def pg_bench(tmp_path_factory):
+    """bench/postgres_pool.py's results."""
+    postgres_programs()
+    return run_bench("postgres_pool.py", tmp_path_factory.mktemp("bench") / "postgres.json")
+
+
+@pytest.fixture(scope="module")
+def redis_bench(tmp_path_factory):
+    """bench/redis_policy.py's results."""
+    require_executable("redis-server", "redis-server")
+    require_module("redis", "redis")
+    return run_bench("redis_policy.py", tmp_path_factory.mktemp("bench") / "redis.json")
+
+
 def runs_by_cell(data: dict) -> dict:
     return {(run["config"], run["mode"], run["clients"]): run for run in data["postgres"]["runs"]}
 
 
 def planned_max_client_conn(data: dict) -> int:
-    preset = data["meta"]["preset"]
+    preset = data["preset"]
     return make_plan(HostSize(*PRESETS[preset]), Options()).pgbouncer.max_client_conn
 
 
 @pytest.mark.parametrize("mode", ["select-only", "tpc-b"])
-def test_upstream_postgres_refuses_200_clients(bench, mode):
-    runs = runs_by_cell(bench)
+def test_upstream_postgres_refuses_200_clients(pg_bench, mode):
+    runs = runs_by_cell(pg_bench)
     control = runs[("upstream", mode, 50)]
     assert control["ok"], control  # the same server takes 50 clients without an error
     refused = runs[("upstream", mode, 200)]
@@ -68,10 +76,11 @@ def test_upstream_postgres_refuses_200_clients(bench, mode):
 
 
 @pytest.mark.parametrize("mode", ["select-only", "tpc-b"])
-def test_edgefit_pooling_takes_200_clients_without_errors(bench, mode):
-    runs = runs_by_cell(bench)
-    for config, clients in (("edgefit", 50), ("edgefit-wide" if 200 > planned_max_client_conn(bench) else "edgefit", 200)):
-        run = runs[(config, mode, clients)]
+def test_edgefit_pooling_takes_200_clients_without_errors(pg_bench, mode):
+    runs = runs_by_cell(pg_bench)
+    assert planned_max_client_conn(pg_bench) >= 200  # the plan's floor (MIN_MAX_CLIENT_CONN): no edit needed
+    for clients in (50, 200):
+        run = runs[("edgefit", mode, clients)]
         assert run["ok"], run
         assert run["exit_code"] == 0 and run["errors"] == 0 and run["failed_transactions"] == 0, run
         assert run["too_many_clients"] == 0 and run["pooler_refusals"] == 0 and run["aborted_clients"] == 0, run
@@ -79,11 +88,11 @@ def test_edgefit_pooling_takes_200_clients_without_errors(bench, mode):
 
 
 @pytest.mark.parametrize("mode", ["select-only", "tpc-b"])
-def test_edgefit_as_rendered_refuses_only_above_its_max_client_conn(bench, mode):
+def test_edgefit_as_rendered_refuses_only_above_its_max_client_conn(pg_bench, mode):
     """Above the plan's max_client_conn the rendered PgBouncer says no itself; Postgres never
     sees more clients than its pool, so it never says "too many clients"."""
-    planned = planned_max_client_conn(bench)
-    run = runs_by_cell(bench)[("edgefit", mode, 200)]
+    planned = planned_max_client_conn(pg_bench)
+    run = runs_by_cell(pg_bench)[("edgefit", mode, 200)]
     assert run["too_many_clients"] == 0, run
     if 200 > planned:
         assert run["pooler_refusals"] > 0 and not run["ok"], run
@@ -91,18 +100,18 @@ def test_edgefit_as_rendered_refuses_only_above_its_max_client_conn(bench, mode)
         assert run["ok"], run
 
 
-def test_pgbouncer_keeps_postgres_within_its_server_pool(bench):
-    plan = make_plan(HostSize(*PRESETS[bench["meta"]["preset"]]), Options())
-    runs = runs_by_cell(bench)
+def test_pgbouncer_keeps_postgres_within_its_server_pool(pg_bench):
+    plan = make_plan(HostSize(*PRESETS[pg_bench["preset"]]), Options())
+    runs = runs_by_cell(pg_bench)
     for mode in ("select-only", "tpc-b"):
         assert runs[("upstream", mode, 50)]["peak_backends"] > plan.pgbouncer.max_db_connections
-        for config, clients in (("edgefit", 50), ("edgefit-wide", 200)):
-            run = runs.get((config, mode, clients)) or runs[("edgefit", mode, clients)]
+        for clients in (50, 200):
+            run = runs[("edgefit", mode, clients)]
             assert 0 < run["peak_backends"] <= plan.pgbouncer.max_db_connections, run
 
 
-def test_edgefit_postgres_uses_less_memory_than_upstream(bench):
-    runs = runs_by_cell(bench)
+def test_edgefit_postgres_uses_less_memory_than_upstream(pg_bench):
+    runs = runs_by_cell(pg_bench)
     for mode in ("select-only", "tpc-b"):
         upstream, edgefit = runs[("upstream", mode, 50)], runs[("edgefit", mode, 50)]
         # PSS of postgres (+ pgbouncer): 12 pooled backends against 50 direct ones.
@@ -113,8 +122,8 @@ def layouts(data: dict) -> dict:
     return {layout["layout"]: layout for layout in data["redis"]["layouts"]}
 
 
-def test_broker_keys_survive_in_edgefits_two_redis_instances(bench):
-    layout = layouts(bench)["edgefit two"]
+def test_broker_keys_survive_in_edgefits_two_redis_instances(redis_bench):
+    layout = layouts(redis_bench)["edgefit two"]
     assert layout["broker_all_survived"], layout["broker_survived"]
     assert layout["broker_after"]["celery"] == layout["broker_before"]["celery"] == 1000
     assert layout["cache_write_errors"] == 0, layout["first_cache_error"]
@@ -125,8 +134,8 @@ def test_broker_keys_survive_in_edgefits_two_redis_instances(bench):
     assert policies == {"allkeys-lru", "noeviction"}
 
 
-def test_one_redis_cannot_be_both_cache_and_broker(bench):
-    by_layout = layouts(bench)
+def test_one_redis_cannot_be_both_cache_and_broker(redis_bench):
+    by_layout = layouts(redis_bench)
     lru = by_layout["single allkeys-lru"]
     assert lru["evicted_keys"] > 0 and lru["cache_write_errors"] == 0
     assert not lru["broker_all_survived"], "allkeys-lru evicted none of the broker's keys"

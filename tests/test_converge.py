@@ -183,3 +183,21 @@ def test_the_plan_of_record_alone_changing_is_only_a_record(plan, rendered):
     live["files"][PLAN_OF_RECORD]["sha256"] = "0" * 64
     changes = decide(plan, rendered, live)
     assert changes.record and not changes.upload and not changes.wait_healthy
+
+
+def test_changed_files_go_up_in_one_archive_with_their_modes_and_owners(plan, rendered):
+    import io
+    import tarfile
+
+    from roles.place_files import archive
+
+    chosen = [f for f in rendered if f.dest.endswith(("redis/redis.conf", "nginx.conf", "/.env"))]
+    payload = archive(chosen)
+    assert payload == archive(list(reversed(chosen)))  # deterministic: same files, same bytes
+    with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {f.dest.lstrip("/") for f in chosen}
+        for f in chosen:
+            member = members[f.dest.lstrip("/")]
+            assert member.mode == f.mode and member.uid == (f.owner_uid or 0) and member.isfile()
+            assert tar.extractfile(member).read().decode() == f.content

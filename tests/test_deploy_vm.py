@@ -80,6 +80,10 @@ def test_a_second_run_changes_nothing_and_restarts_nothing(deployed_stack: Deplo
     assert run.returncode == 0, run.output[-4000:]
     changed = {name: run.changed_operations(name) for name in deployed_stack.hosts}
     assert run.changed == 0, f"second run changed: {changed}"
+    # issue 12: a host at its plan costs the one read and no operation at all
+    for name in deployed_stack.hosts:
+        assert run.operations_run(name) == [], f"{name}: a no-op deploy ran {run.operations_run(name)}"
+    print(f"[deploy] no-op re-deploy of both hosts: {run.seconds:.1f}s")
     after = {name: started_at(host) for name, host in deployed_stack.hosts.items()}
     assert after == before, "containers were restarted by a run that changed nothing"
 

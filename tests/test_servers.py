@@ -28,12 +28,14 @@ import pytest
 from edgefit.plan import PRESETS, Plan, RedisPlan
 from edgefit.secrets import Secrets
 from servers_helpers import (
-    PG_BIN,
+    PGBENCH_MODES,
     Server,
     base_env,
     free_port,
     parse_env,
     pg_size_kib,
+    pgbench_numbers,
+    postgres_programs,
     preset_plan,
     relocate,
     render_files,
@@ -242,12 +244,7 @@ def pg_stack(request):
     """Postgres on a fresh data directory with the rendered postgresql.conf/pg_hba.conf, the
     image entrypoint's bootstrap (POSTGRES_DB, initdb scripts), pgbench tables, and PgBouncer
     with the rendered pgbouncer.ini/userlist.txt in front of it."""
-    require_module("psycopg", "psycopg[binary]")
-    initdb = require_executable(PG_BIN / "initdb", "postgresql-15")
-    postgres = require_executable(PG_BIN / "postgres", "postgresql-15")
-    pgbench = require_executable(PG_BIN / "pgbench", "postgresql-15")
-    psql = require_executable(PG_BIN / "psql", "postgresql-client-15")
-    pgbouncer = require_executable("pgbouncer", "pgbouncer")
+    initdb, postgres, pgbench, psql, pgbouncer = postgres_programs()
     owner = service_user()
 
     preset = request.param
@@ -471,21 +468,6 @@ class PeakServerConnections:
         self._thread.join(timeout=10)
 
 
-def parse_pgbench(output: str) -> dict[str, float]:
-    numbers = {}
-    for key, pattern in {
-        "clients": r"number of clients: (\d+)",
-        "processed": r"number of transactions actually processed: (\d+)",
-        "failed": r"number of failed transactions: (\d+)",
-        "tps": r"tps = ([\d.]+)",
-    }.items():
-        match = re.search(pattern, output)
-        if match:
-            numbers[key] = float(match.group(1))
-    return numbers
-
-
-PGBENCH_MODES = {"select-only": ["-S"], "tpc-b": []}
 
 
 @pytest.mark.parametrize("mode", list(PGBENCH_MODES))
@@ -496,7 +478,7 @@ def test_pgbench_through_pgbouncer_with_more_clients_than_max_connections(pg_sta
         result = pg_stack.run_pgbench(pg_stack.bouncer_port, *PGBENCH_MODES[mode], "-n",
                                       "-c", str(clients), "-j", "2", "-T", str(PGBENCH_SECONDS))
     output = result.stdout + result.stderr
-    numbers = parse_pgbench(result.stdout)
+    numbers = pgbench_numbers(result.stdout)
     print(f"\n[measure] {pg_stack.preset} {mode} via PgBouncer: clients {clients} "
           f"(max_connections {plan.postgres.max_connections}), exit {result.returncode}, "
           f"tps {numbers.get('tps')}, transactions {numbers.get('processed')}, failed {numbers.get('failed')}, "

@@ -39,6 +39,11 @@ class DeployRun:
     def changed(self) -> int:
         return self.results["results"]["totals"]["success"] if self.results and self.results.get("results") else -1
 
+    def operations_run(self, host: str) -> list[str]:
+        """Every operation pyinfra ran on host, changed or not."""
+        ops = (self.results or {}).get("results", {}).get("operations", [])
+        return [op["name"] for op in ops if host in op.get("success", []) + op.get("error", []) + op.get("no_change", [])]
+
     def changed_operations(self, host: str) -> list[str]:
         ops = (self.results or {}).get("results", {}).get("operations", [])
         return [op["name"] for op in ops if host in op["success"]]
