@@ -99,6 +99,9 @@ class DockerInstalled(FactBase):
 
 
 SAMPLER_SOURCE = Path(__file__).resolve().parent / "sampler.py"
+# Where Debian's docker.io, Docker's docker-compose-plugin and edgefit's upload put Compose v2.
+COMPOSE_PLUGIN_PATHS = ("/usr/libexec/docker/cli-plugins/docker-compose", "/usr/lib/docker/cli-plugins/docker-compose",
+                        "/usr/local/lib/docker/cli-plugins/docker-compose")
 SECTION = "@@EDGEFIT-SECTION@@"
 
 
@@ -127,15 +130,21 @@ class HostState(FactBase):
             f"echo {SECTION}sysctl",
             f"sysctl -e {words(sysctl_keys)} 2>/dev/null || true",
             f"echo {SECTION}compose",
-            "docker compose version --short 2>/dev/null || true",
-            f"echo {SECTION}images",
-            "docker images --digests --format '{{.Repository}}:{{.Tag}} {{.Repository}}@{{.Digest}}' 2>/dev/null || true",
+            # the plugin's presence, not `docker compose version`: that Go binary takes seconds to start
+            f"for c in {words(COMPOSE_PLUGIN_PATHS)}; do test -x \"$c\" && {{ echo present; break; }}; done",
+            # docker calls take a second or more each on a small host: the image list runs beside
+            # the sampler, not after it, and is printed after it.
+            'images=$(mktemp); timeout 30 docker images --digests --format "{{.Repository}}:{{.Tag}} '
+            '{{.Repository}}@{{.Digest}}" >"$images" 2>/dev/null & images_pid=$!',
             f"echo {SECTION}snapshot",
             "if command -v python3 >/dev/null && command -v docker >/dev/null; then "
             "python3 - --window 0.1 --interval 0.1 --checks redis,postgres --exec-timeout 20 <<'EDGEFIT_SAMPLER_END'",
             sampler.rstrip("\n"),
             "EDGEFIT_SAMPLER_END",
             "fi",
+            'wait "$images_pid"',
+            f"echo {SECTION}images",
+            'cat "$images"; rm -f "$images"',
             "true",
         ])
 

@@ -47,6 +47,7 @@ REDIS_INFO_KEYS = ("used_memory", "used_memory_rss", "maxmemory", "maxmemory_pol
 # ---------------------------------------------------------------------------------------------
 # Small readers that never raise
 
+JOIN_SLACK_S = 2.0  # beyond a check's own timeout, for killing it and its thread's wrap-up on a loaded host
 END_CALLS_LEAD_S = 5.0  # seconds before the window ends that its end-of-window docker calls start
 
 
@@ -521,7 +522,7 @@ class Sampler:
             record["cgroup_end"] = self.cgroup_snapshot(record)
         self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))
         self.result["files"] = {path: sha256_file(path) for path in args.hash}
-        deadline = time.monotonic() + args.exec_timeout + 0.5
+        deadline = time.monotonic() + args.exec_timeout + JOIN_SLACK_S
         for thread in threads + end_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in threads + end_threads):

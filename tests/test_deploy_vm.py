@@ -114,7 +114,7 @@ def _host_state(host) -> str:
 
 
 @pytest.mark.parametrize("data, expected", [
-    ({"edgefit_vector_store": "milvus"}, ["unknown vector store", "milvus"]),
+    ({"edgefit_vector_store": "milvus"}, ["edgefit_vector_store", "'milvus' is not one of pgvector"]),
     ({"edgefit_images": {"api": "langgenius/dify-api:latest"}}, ["latest", "pin a release"]),
     ({"edgefit_data_disk": "/dev/vdz"}, ["/dev/vdz", "does not exist"]),
     ({"edgefit_size_override": {"cpus": 2, "memory": "3G"}}, ["too small", "at least"]),
