@@ -9,24 +9,28 @@ and the changes it needs (edgefit/converge.py) -> operations -> the plan of reco
 from edgefit.render import render_stack
 from roles.check_and_plan import check_host_and_plan
 from roles.docker import install_docker, run_docker
+from roles.firewall import configure_firewall
 from roles.host import tune_host
 from roles.place_files import place_files
 from roles.read_host import read_host_and_decide
 from roles.record import record_plan
 from roles.secrets import ensure_secrets
 from roles.stack import deploy_stack
+from roles.tls import make_certificate
 from roles.verify_timer import install_verify_timer
 from roles.volumes import prepare_volumes
 
 plan, settings, facts = check_host_and_plan()  # every check that can refuse a host happens here
 secrets = ensure_secrets()
-rendered = render_stack(plan, secrets)
+rendered = render_stack(plan, secrets, settings.tls_pair)
 live, changes = read_host_and_decide(plan, rendered)  # the one read; the rest carries changes out
 
 install_docker(settings, live, facts)
 prepare_volumes(plan, live)
 place_files(changes)
+make_certificate(plan, live)
 tune_host(plan, changes, live, facts)
+configure_firewall(plan, changes, live)
 run_docker(changes, live)
 deploy_stack(plan, settings, changes)
 install_verify_timer(plan, live)

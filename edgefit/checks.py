@@ -234,3 +234,32 @@ def secret_value(name: str, value: object) -> str:
                          "'_' and '-' only (so it survives unquoted in URLs, .env files and pgbouncer's "
                          "userlist), e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return value
+
+
+def tls_pair(certificate: str, key: str) -> tuple[str, str]:
+    """A provided certificate and key (control-machine paths, checked to exist before): both PEM,
+    the key unencrypted, and the certificate's public key the key's. -> their texts. Messages
+    name the files, never show the key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    texts = []
+    for label, path in (("edgefit_tls_certificate", certificate), ("edgefit_tls_key", key)):
+        try:
+            texts.append(open(path, encoding="ascii").read())
+        except (OSError, UnicodeDecodeError) as error:
+            reason = (error.strerror or str(error)).lower() if isinstance(error, OSError) else "not PEM text"
+            raise CheckError(f"{label} {path} cannot be read ({reason})") from None
+    try:
+        cert = x509.load_pem_x509_certificate(texts[0].encode())
+    except ValueError:
+        raise CheckError(f"edgefit_tls_certificate {certificate} is not a PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(texts[1].encode(), password=None)
+    except (ValueError, TypeError):
+        raise CheckError(f"edgefit_tls_key {key} is not an unencrypted PEM private key") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.PEM
+    if cert.public_key().public_bytes(encoding, public) != private.public_key().public_bytes(encoding, public):
+        raise CheckError(f"edgefit_tls_key {key} is not the key of edgefit_tls_certificate {certificate}")
+    return texts[0], texts[1]

@@ -1,4 +1,4 @@
-"""edgefit's command line: plan, render, verify, backup, restore, rebuild.
+"""edgefit's command line: plan, render, verify, backup, restore, rebuild, secret.
 
 Exit codes: 0 fine, 1 a check or a step failed, 2 bad input, a refused host or a host too small
 (one sentence on stderr, never a traceback).
@@ -259,6 +259,11 @@ def command_rebuild(args: argparse.Namespace) -> int:
     return _lifecycle_call(lambda lc: lc.rebuild(args.inventory, args.limit, Path(args.to), args.fresh, args.yes))
 
 
+def command_secret(args: argparse.Namespace) -> int:
+    _existing_inventory(args)
+    return _lifecycle_call(lambda lc: lc.show_secret(args.inventory, args.limit, args.name, args.show_any))
+
+
 def _host_arguments(parser: argparse.ArgumentParser, to: bool = False, yes: bool = False) -> None:
     parser.add_argument("inventory", metavar="INVENTORY", help="pyinfra inventory, e.g. inventory/staging.py")
     parser.add_argument("--limit", action="append", metavar="HOST",
@@ -354,6 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild_parser.add_argument("--fresh", action="store_true",
                                 help="start with empty data (deleted only after the backup reached this machine)")
     rebuild_parser.set_defaults(handler=command_rebuild)
+
+    secret_parser = commands.add_parser(
+        "secret", help="print one secret of one host for its operator (init_password by default)",
+        description="Read one value from the host's /etc/edgefit/secrets.env and print it alone on stdout. "
+                    "Only init_password (what Dify's /install asks for before the admin account is made) is "
+                    "shown unless --show-any is given. Only that one line crosses the connection.",
+        epilog="Exit codes: 0 printed; 1 the host has no such value or could not be reached; 2 bad input.")
+    _host_arguments(secret_parser)
+    secret_parser.add_argument("name", metavar="NAME", help="the secret, e.g. init_password")
+    secret_parser.add_argument("--show-any", action="store_true",
+                               help="allow any secret (SECRET_KEY, DB_PASSWORD, ...), not only init_password")
+    secret_parser.set_defaults(handler=command_secret)
     return parser
 
 

@@ -59,4 +59,6 @@ def expectations(plan, rendered, *, root: str = "") -> dict:
         "gc_threshold": list(plan.dify.gc_threshold),
         "gc_services": python_services,
         "files": files,
+        # nginx's certificate: "self-signed" is a warning in verify (browsers warn too)
+        "tls": getattr(plan, "tls", None),
     }

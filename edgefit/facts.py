@@ -90,21 +90,6 @@ class BlockDevice(FactBase):
         }
 
 
-class SecretsFile(FactBase):
-    """The host's secrets env file (mode 0600), or None before the first deploy.
-
-    Returns the raw text; edgefit.secrets.Secrets parses it. pyinfra prints fact output only
-    with --debug, and this file is never passed to an operation that would show it.
-    """
-
-    def command(self) -> str:
-        return f"test -s {SECRETS_PATH} && cat {SECRETS_PATH} || echo __absent__"
-
-    def process(self, output):
-        text = "\n".join(output)
-        return None if text.strip() == "__absent__" else text + "\n"
-
-
 class DockerInstalled(FactBase):
     def command(self) -> str:
         return "command -v dockerd >/dev/null && echo yes || echo no"

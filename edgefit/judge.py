@@ -173,6 +173,9 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
     _judge_host_change(samples, expected, findings)
     _judge_checks(samples, expected, findings)
     _judge_files(samples, expected, findings)
+    if expected.get("tls") == "self-signed":
+        findings.add("warn", "tls_self_signed", "self-signed certificate: browsers warn on every new visit; "
+                                                "set edgefit_tls = \"provided\" with a real certificate")
     for error in samples.get("errors") or []:
         findings.add("warn", "check_failed", f"sampler: {error}")
 

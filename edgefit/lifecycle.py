@@ -172,6 +172,61 @@ def run_pyinfra(inventory: str, deploy_file: str, hosts: list[str], data: dict[s
         raise StepFailed(f"{label} failed on {', '.join(hosts)}: {reason[:400]}")
 
 
+SHOWN_BY_DEFAULT = ("init_password",)  # `edgefit secret` shows others only with --show-any
+
+
+def secret_name(name: str, show_any: bool) -> str:
+    """The field name `edgefit secret` may print (checked: a known secret, allowed); Refused otherwise."""
+    from dataclasses import fields
+
+    from edgefit.secrets import Secrets
+
+    known = [f.name for f in fields(Secrets)]
+    clean = name.strip().lower()
+    if clean not in known:
+        raise Refused(f"{name!r} is not an edgefit secret; one of: {', '.join(known)}")
+    if clean not in SHOWN_BY_DEFAULT and not show_any:
+        raise Refused(f"{clean} is not shown by default (only {', '.join(SHOWN_BY_DEFAULT)} is); "
+                      "add --show-any if you really need it on this terminal")
+    return clean
+
+
+def secret_command(name: str) -> str:
+    """Reads only the one line of the host's secrets file, so no other secret crosses the connection."""
+    from edgefit.facts import SECRETS_PATH
+
+    return f"grep -m1 -e {shlex.quote('^' + name.upper() + '=')} {shlex.quote(SECRETS_PATH)} || true"
+
+
+def secret_from_lines(lines: list[str], name: str) -> str | None:
+    prefix = name.upper() + "="
+    for line in lines:
+        if line.startswith(prefix) and line[len(prefix):].strip():
+            return line[len(prefix):].strip()
+    return None
+
+
+def show_secret(inventory: str, limits: list[str] | None, name: str, show_any: bool, out=None) -> int:
+    """`edgefit secret`: print one secret of one host (its value and nothing else) for its operator."""
+    from edgefit.facts import SECRETS_PATH
+
+    out = out or sys.stdout
+    clean = secret_name(name, show_any)
+    if not limits:
+        raise Refused("give the one host with --limit HOST")
+    state, hosts = open_inventory(inventory, limits)
+    if len(hosts) != 1:
+        raise Refused(f"--limit {' '.join(limits)} matches {len(hosts)} hosts; name exactly one")
+    host = hosts[0]
+    lines = host_command(state, host, secret_command(clean), timeout=30)
+    value = secret_from_lines(lines, clean)
+    if value is None:
+        raise StepFailed(f"{host.name} has no {clean.upper()} in {SECRETS_PATH}; deploy it first "
+                         "(the deploy generates it)")
+    print(value, file=out, flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Hosts through pyinfra's API (as verify connects)
 
@@ -198,7 +253,7 @@ def _connected(state, host):
                 host.connect(show_errors=False, raise_exceptions=True)
         except (ConnectError, gevent.Timeout) as error:
             raise StepFailed(f"{host.name} is unreachable: {error}") from None
-    return remote._executor_arguments(state, host)
+    return remote.executor_arguments(state, host)
 
 
 def host_command(state, host, command: str, timeout: int, stdin: str | None = None) -> list[str]:

@@ -54,6 +54,10 @@ class Options:
     domain: str | None = None  # nginx answers for this name (None: any)
     data_disk: str | None = None  # device mounted at data_root; Docker waits for its mount
     verify_timer_every: str | None = None  # systemd span of the on-host verify timer; None: no timer
+    tls: str = "self-signed"  # where nginx's certificate comes from: self-signed or provided
+    behind_proxy: bool = False  # a TLS proxy in front: keep its X-Forwarded-Proto
+    firewall: bool = True  # nftables: only SSH, 80 and 443 in
+    ssh_port: int = 22  # the port pyinfra connects on (host data ssh_port); the firewall keeps it open
 
 
 class PlanError(ValueError):
@@ -373,6 +377,10 @@ class Plan:
     # What the plan gave up to fit this host (services left out), each with how to undo it.
     tradeoffs: list[str] = field(default_factory=list)
     reported_host: HostSize | None = None  # what the host reported, when the plan is for its live facts
+    tls: str = "self-signed"  # nginx's certificate: self-signed (made on the host) or provided
+    behind_proxy: bool = False
+    firewall: bool = True
+    ssh_port: int = 22
 
     @property
     def total_mem_limit_mib(self) -> int:
@@ -572,6 +580,10 @@ def make_plan(size: HostSize, options: Options = Options()) -> Plan:
         domain=options.domain,
         data_disk=options.data_disk,
         verify_timer_every=options.verify_timer_every,
+        tls=options.tls,
+        behind_proxy=options.behind_proxy,
+        firewall=options.firewall,
+        ssh_port=options.ssh_port,
         weaviate_gomemlimit_mib=(int(memory["weaviate"] * GOMEMLIMIT_SHARE) if "weaviate" in memory else None),
         services={name: ServicePlan(memory[name], service_cpus(SERVICE_RULES[name], cores), images[name])
                   for name in services},

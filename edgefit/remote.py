@@ -122,8 +122,8 @@ def load_inventory(inventory: str, limits: list[str] | None):
 # ---------------------------------------------------------------------------------------------
 # One host
 
-def _executor_arguments(state, host) -> dict:
-    """sudo, su, shell and the like from host data, as pyinfra applies them to facts."""
+def executor_arguments(state, host) -> dict:
+    """sudo, su, shell and the like from host data, as pyinfra applies them to facts and operations."""
     from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 
     arguments, _ = pop_global_arguments(state, host, {})
@@ -181,7 +181,7 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
     except ConnectError as error:
         reason = error.args[0] if error.args else "connection failed"
         return judge.error_report(name, f"{name} is unreachable: {reason}")
-    arguments = _executor_arguments(state, host)
+    arguments = executor_arguments(state, host)
 
     ok, output = host.run_shell_command(record_command(), print_output=False,
                                         **{**arguments, "_timeout": PREPARE_TIMEOUT})

@@ -34,6 +34,14 @@ SYSCTL_CONF = "/etc/sysctl.d/90-edgefit.conf"
 JOURNALD_CONF = "/etc/systemd/journald.conf.d/90-edgefit.conf"
 THP_UNIT = "/etc/systemd/system/edgefit-thp.service"
 DOCKER_DATA_DISK_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf"
+# nginx's certificate and key, as cert.pem and key.pem, mounted read-only at TLS_DIR_IN_CONTAINER:
+# a provided pair is rendered (0600) into the stack; a self-signed one is made on the host once
+# (roles/tls.py) where no deploy overwrites it.
+TLS_DIR_IN_CONTAINER = "/etc/nginx/tls"
+PROVIDED_TLS_DIR = "/opt/edgefit/conf/nginx/tls"
+SELF_SIGNED_TLS_DIR = "/etc/edgefit/tls/self-signed"
+FIREWALL_RULES = "/etc/edgefit/firewall.nft"  # edgefit's nftables table, loaded whole
+FIREWALL_UNIT = "/etc/systemd/system/edgefit-firewall.service"
 VERIFY_LIB_DIR = "/usr/local/lib/edgefit"  # the verify timer's standard-library modules, as edgefit/*.py
 VERIFY_MODULES = ("sampler.py", "expectations.py", "judge.py", "report.py", "verify_host.py")
 VERIFY_SERVICE = "/etc/systemd/system/edgefit-verify.service"
@@ -82,8 +90,16 @@ def verify_timer_since_s(every: str) -> int:
     return max(900, 3 * checks.timespan_seconds(every))
 
 
-def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
-    """Every file the deploy puts on the host, the plan of record last (it holds the others' hashes)."""
+def tls_dir(plan: Plan) -> str:
+    """Where nginx's cert.pem and key.pem live on the host."""
+    return PROVIDED_TLS_DIR if plan.tls == "provided" else SELF_SIGNED_TLS_DIR
+
+
+def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None = None) -> list[StackFile]:
+    """Every file the deploy puts on the host, the plan of record last (it holds the others' hashes).
+    tls_pair: the provided certificate and key (PEM texts) when plan.tls is "provided"."""
+    if plan.tls == "provided" and tls_pair is None:
+        raise ValueError("edgefit_tls = 'provided' needs the certificate and key to render")
     env = _environment()
     present = set(plan.services)
     context = {
@@ -96,6 +112,8 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
         "data_root": checks.data_root(plan.data_root),
         "server_name": checks.hostname(plan.domain) if plan.domain else "_",
         "stack_dir": STACK_DIR,
+        "tls_dir": tls_dir(plan),
+        "tls_dir_in_container": TLS_DIR_IN_CONTAINER,
         "python_hook_dir": PYTHON_HOOK_DIR,
         "dify_python_services": [name for name in ("api", "worker", "worker_beat") if name in present],
     }
@@ -136,6 +154,14 @@ def render_stack(plan: Plan, secrets: Secrets) -> list[StackFile]:
         StackFile(JOURNALD_CONF, render("journald.conf.j2")),
         StackFile(THP_UNIT, render("thp.service.j2"), systemd_unit=True),
     ]
+    if plan.firewall:
+        files += [StackFile(FIREWALL_RULES, render("firewall.nft.j2", ssh_ports=sorted({22, plan.ssh_port})), 0o600),
+                  StackFile(FIREWALL_UNIT, render("edgefit-firewall.service.j2", firewall_rules=FIREWALL_RULES),
+                            systemd_unit=True)]
+    if plan.tls == "provided":
+        certificate, key = tls_pair
+        files += [StackFile(f"{PROVIDED_TLS_DIR}/cert.pem", certificate, 0o600, services=("nginx",)),
+                  StackFile(f"{PROVIDED_TLS_DIR}/key.pem", key, 0o600, services=("nginx",))]
     if "ssrf_proxy" in present:
         files.append(stack("conf/ssrf_proxy/squid.conf", render("squid.conf.j2"), 0o644, services=("ssrf_proxy",)))
     if plan.data_disk:

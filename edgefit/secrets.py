@@ -17,6 +17,19 @@ from edgefit.checks import CheckError, secret_value
 from edgefit.safe_write import write_atomic
 
 
+# Random bytes per secret (URL-safe base64: 4 characters per 3 bytes). 32 bytes = 43 characters;
+# INIT_PASSWORD gets 18 bytes = 24 characters (144 bits), because Dify refuses an init password
+# longer than INIT_PASSWORD_MAX_LENGTH (api/controllers/console/init_validate.py: max_length=30).
+RANDOM_BYTES = 32
+INIT_PASSWORD_BYTES = 18
+INIT_PASSWORD_MAX_LENGTH = 30
+
+
+def random_bytes(name: str) -> int:
+    """How many random bytes the secret `name` (a field name, any case) is made of."""
+    return INIT_PASSWORD_BYTES if name.lower() == "init_password" else RANDOM_BYTES
+
+
 class SecretsError(ValueError):
     """A secrets file that is missing a value, or holds a weak or upstream-default one."""
 
@@ -32,6 +45,9 @@ class Secrets:
     plugin_inner_api_key: str
     sandbox_api_key: str
     vector_store_api_key: str  # weaviate or qdrant, when chosen
+    # Dify's INIT_PASSWORD: /install (POST /console/api/init, then /console/api/setup) asks for it
+    # before anyone can make the admin account. Dify takes at most 30 characters there.
+    init_password: str
 
     def __repr__(self) -> str:  # never let a traceback or a debug print show a value
         return "Secrets(<hidden>)"
@@ -39,7 +55,7 @@ class Secrets:
     @classmethod
     def generate(cls) -> Secrets:
         # token_urlsafe: no characters that need quoting in .env, URLs or pgbouncer's userlist
-        return cls(**{f.name: random.token_urlsafe(32) for f in fields(cls)})
+        return cls(**{f.name: random.token_urlsafe(random_bytes(f.name)) for f in fields(cls)})
 
     def to_env(self) -> str:
         return "".join(f"{f.name.upper()}={getattr(self, f.name)}\n" for f in fields(self))
@@ -55,6 +71,9 @@ class Secrets:
         missing = [f.name.upper() for f in fields(cls) if not values.get(f.name)]
         if missing:
             raise SecretsError(f"{source}: missing {', '.join(missing)}")
+        if len(values["init_password"]) > INIT_PASSWORD_MAX_LENGTH:
+            raise SecretsError(f"{source}: INIT_PASSWORD must be at most {INIT_PASSWORD_MAX_LENGTH} characters "
+                               "(Dify refuses a longer one at /install)")
         try:  # length, URL-safe characters, not upstream's defaults; messages never show a value
             return cls(**{f.name: secret_value(f.name.upper(), values[f.name]) for f in fields(cls)})
         except CheckError as error:

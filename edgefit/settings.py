@@ -6,7 +6,8 @@ inventory value into a clean one (or refuses it with one sentence), and a one-li
 names with a "did you mean", and never lets a wrong type reach a traceback. The CLI builds its
 options for the settings that change the plan from the same table (`cli=`). group_data/all.py
 is the readable documentation of the same defaults; tests/test_settings.py keeps the two equal.
-Pure: no I/O beyond checking that control-machine files exist.
+Pure: no I/O beyond checking control-machine files (that they exist; a provided TLS certificate
+and key are read and matched).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from edgefit.units import SizeError, parse_mib
 
 PREFIX = "edgefit_"
 DOCKER_SOURCES = ("debian", "docker", "preinstalled")
+TLS_MODES = ("self-signed", "provided", "acme")
 ROLES = ("production", "staging")  # only a staging host may be rebuilt (edgefit rebuild)
 
 
@@ -110,6 +112,13 @@ def check_local_file(value) -> Path:
     return path
 
 
+def check_tls(value) -> str:
+    value = one_of(TLS_MODES)(value)
+    if value == "acme":
+        raise ValueError("'acme' is not yet supported; use 'provided' (your certificate and key) or 'self-signed'")
+    return value
+
+
 def check_size_override(value) -> tuple[int, int]:
     try:
         cpus, memory = value["cpus"], parse_mib(str(value["memory"]))
@@ -160,6 +169,16 @@ SETTINGS: tuple[Setting, ...] = (
             "how often the verify timer runs"),
     Setting("edgefit_role", "production or staging", "production", one_of(ROLES),
             "staging hosts (or hosts in a `staging` group) may be torn down by `edgefit rebuild`"),
+    Setting("edgefit_tls", "self-signed or provided (acme: not yet)", "self-signed", check_tls,
+            "where nginx's HTTPS certificate comes from"),
+    Setting("edgefit_tls_certificate", "control-machine path or None", None, check_local_file,
+            "PEM certificate (full chain) for edgefit_tls = 'provided'"),
+    Setting("edgefit_tls_key", "control-machine path or None", None, check_local_file,
+            "PEM private key of edgefit_tls_certificate, uploaded 0600"),
+    Setting("edgefit_behind_proxy", "True/False", False, check_bool,
+            "a TLS proxy in front: nginx keeps its X-Forwarded-Proto"),
+    Setting("edgefit_firewall", "True/False", True, check_bool,
+            "nftables allows only SSH, 80 and 443 in (False: off, edgefit's table removed)"),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -174,6 +193,7 @@ class DeploySettings:
     compose_binary: Path | None
     size_override: tuple[int, int] | None  # (cpus, memory MiB)
     health_timeout_s: int
+    tls_pair: tuple[str, str] | None = None  # the provided certificate and key, PEM texts (checked)
 
 
 def _as_dict(data) -> dict:
@@ -187,6 +207,11 @@ def check_values(data) -> dict[str, Any]:
     Raises SettingsError naming every bad or unknown setting, one sentence each."""
     values = _as_dict(data)
     problems = []
+    ssh_port = values.get("ssh_port")  # pyinfra's own; the firewall keeps it open, so it is checked too
+    if isinstance(ssh_port, str) and ssh_port.isdigit():
+        ssh_port = int(ssh_port)
+    if ssh_port is not None and (isinstance(ssh_port, bool) or not isinstance(ssh_port, int) or not 1 <= ssh_port <= 65535):
+        problems.append(f"ssh_port must be a whole number between 1 and 65535, got {ssh_port!r}")
     for name in sorted(key for key in values if key.startswith(PREFIX) and key not in BY_NAME):
         close = difflib.get_close_matches(name, BY_NAME, n=1)
         problems.append(f"{name} is not an edgefit setting" + (f" (did you mean {close[0]}?)" if close else
@@ -203,6 +228,7 @@ def check_values(data) -> dict[str, Any]:
             problems.append(f"{setting.name}: {str(error).rstrip('.')}")
     if problems:
         raise SettingsError("; ".join(problems))
+    clean["ssh_port"] = ssh_port or 22
     return clean
 
 
@@ -216,6 +242,10 @@ def options_from(values: dict[str, Any]) -> Options:
         domain=values["edgefit_domain"],
         data_disk=values["edgefit_data_disk"],
         verify_timer_every=values["edgefit_verify_timer_every"] if values["edgefit_verify_timer"] else None,
+        tls=values["edgefit_tls"],
+        behind_proxy=values["edgefit_behind_proxy"],
+        firewall=values["edgefit_firewall"],
+        ssh_port=values.get("ssh_port", 22),
     )
 
 
@@ -227,6 +257,7 @@ def read_settings(data) -> DeploySettings:
         plan_services(options)  # the vector store and the services left out, together
     except PlanError as error:
         raise SettingsError(str(error)) from None
+    tls_pair = read_tls_pair(values)
     compose = values["edgefit_compose_binary"] or default_compose_binary()
     return DeploySettings(
         options=options,
@@ -237,7 +268,25 @@ def read_settings(data) -> DeploySettings:
         compose_binary=compose,
         size_override=values["edgefit_size_override"],
         health_timeout_s=values["edgefit_health_timeout"],
+        tls_pair=tls_pair,
     )
+
+
+def read_tls_pair(values: dict[str, Any]) -> tuple[str, str] | None:
+    """edgefit_tls = 'provided' needs both files, a PEM certificate and its key; the files
+    without 'provided' are refused rather than silently ignored."""
+    certificate, key = values["edgefit_tls_certificate"], values["edgefit_tls_key"]
+    if values["edgefit_tls"] != "provided":
+        if certificate or key:
+            raise SettingsError("edgefit_tls_certificate/edgefit_tls_key are set but edgefit_tls is "
+                                f"{values['edgefit_tls']!r}; set edgefit_tls = \"provided\" to use them")
+        return None
+    if not (certificate and key):
+        raise SettingsError("edgefit_tls = \"provided\" needs edgefit_tls_certificate and edgefit_tls_key")
+    try:
+        return checks.tls_pair(str(certificate), str(key))
+    except checks.CheckError as error:
+        raise SettingsError(str(error)) from None
 
 
 def default_compose_binary() -> Path | None:

@@ -68,3 +68,19 @@ edgefit_verify_timer_every = "5min"  # a systemd time span: 300s, 5min, 1h
 # backup it took first) runs only on staging hosts: hosts with edgefit_role = "staging" or in an
 # inventory group named `staging`. It refuses every other host before touching anything.
 edgefit_role = "production"
+
+# --- HTTPS and the firewall
+# nginx serves HTTPS on 443 and redirects 80 to it (except /.well-known/acme-challenge/).
+# "self-signed": a certificate made on the host once (openssl, for edgefit_domain or the host's
+# name), kept across deploys; browsers warn, and the deploy and verify say so.
+# "provided": edgefit_tls_certificate (full chain) and edgefit_tls_key, PEM files on this
+# machine, checked to match and uploaded 0600; nginx then sends HSTS. "acme": not yet supported.
+edgefit_tls = "self-signed"
+edgefit_tls_certificate = None
+edgefit_tls_key = None
+# True when a TLS-terminating proxy or load balancer sits in front: nginx keeps the
+# X-Forwarded-Proto it sends (and does not redirect requests it says came in over https).
+edgefit_behind_proxy = False
+# nftables on the host: only SSH (the port pyinfra connects on), 80 and 443 come in, Docker's
+# published ports included. False for hosts behind a provider's firewall: edgefit's table is removed.
+edgefit_firewall = True

@@ -3,7 +3,9 @@
 /etc/edgefit/secrets.env (0600, root) is made on the host from its own /dev/urandom the first
 time, and only keys that are missing are ever added: a re-run never regenerates a secret (that
 would lock Dify out of its own database). Values are never printed or passed to an operation
-that could show them. Every rendered file depends on them, so they are made while pyinfra
+that could show them: the file is read with a plain command whose input and output pyinfra does
+not print (a fact's output is printed with --debug), under the same sudo/su arguments pyinfra
+gives the host's operations. Every rendered file depends on them, so they are made while pyinfra
 prepares the deploy, after every input check of the facts role has passed; under --dry they
 are not made and throwaway values stand in.
 
@@ -17,22 +19,51 @@ import shlex
 import sys
 from dataclasses import fields
 
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.api import DeployError, deploy
 
-from edgefit.facts import SECRETS_PATH, PostgresCluster, SecretsFile, parse_key_values
-from edgefit.secrets import Secrets, SecretsError
+from edgefit.facts import SECRETS_PATH, PostgresCluster, parse_key_values
+from edgefit.secrets import Secrets, SecretsError, random_bytes
 from edgefit.settings import read_settings
 
 SECRET_NAMES = [f.name.upper() for f in fields(Secrets)]
+ABSENT = "@@EDGEFIT-NO-SECRETS-FILE@@"
+
+
+def read_command() -> str:
+    path = shlex.quote(SECRETS_PATH)
+    return f"test -s {path} && cat {path} || echo {ABSENT}"
+
+
+def parse_read(lines: list[str]) -> str | None:
+    """The secrets file's text, or None when the host has none yet."""
+    text = "\n".join(lines)
+    return None if text.strip() == ABSENT else text + "\n"
+
+
+def _run_quietly(command: str):
+    """-> (ok, output): nothing of the command or its output is printed, whatever the verbosity."""
+    from edgefit.remote import executor_arguments
+
+    return host.run_shell_command(command, print_output=False, print_input=False,
+                                  **executor_arguments(state, host))
+
+
+def _read_secrets_file() -> str | None:
+    ok, output = _run_quietly(read_command())
+    if not ok:
+        raise DeployError(f"{host.name}: could not read {SECRETS_PATH}; check that the SSH user is root or "
+                          "has sudo (_sudo = True). Nothing was changed.")
+    return parse_read(output.stdout_lines)
 
 
 def _generate_missing_command() -> str:
-    # 32 random bytes, URL-safe base64: no character needs quoting in .env, URLs or userlist.
-    one = "$(head -c 32 /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')"
+    # Random bytes, URL-safe base64: no character needs quoting in .env, URLs or userlist.
+    def one(name: str) -> str:
+        return f"$(head -c {random_bytes(name)} /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=')"
     path = shlex.quote(SECRETS_PATH)
     adds = "; ".join(
-        f"grep -q '^{name}=' {path} || echo \"{name}={one}\" >> {path}" for name in SECRET_NAMES
+        f"grep -q '^{name}=' {path} || echo \"{name}={one(name)}\" >> {path}" for name in SECRET_NAMES
     )
     return f"set -e; umask 077; mkdir -p /etc/edgefit; touch {path}; chmod 600 {path}; {adds}"
 
@@ -54,7 +85,7 @@ def _dry_run() -> bool:
 
 @deploy("Secrets")
 def ensure_secrets() -> Secrets:
-    text = host.get_fact(SecretsFile)
+    text = _read_secrets_file()
     present = parse_key_values((text or "").splitlines())
     missing = [name for name in SECRET_NAMES if not present.get(name)]
     if text is None:
@@ -66,14 +97,16 @@ def ensure_secrets() -> Secrets:
     if missing:
         if _dry_run():
             host.noop(f"would generate {len(missing)} secret(s) in {SECRETS_PATH} on the host")
-            return Secrets.generate()  # throwaway: only to show what else would change
-        ok, output = host.run_shell_command(_generate_missing_command(), print_output=False)
-        if not ok:
-            raise DeployError(f"{host.name}: could not write {SECRETS_PATH}; check that the SSH user "
-                              "is root or has sudo (_sudo = True). Nothing else was changed.")
-        ok, output = host.run_shell_command(f"cat {shlex.quote(SECRETS_PATH)}", print_output=False)
-        text = "\n".join(line for line in output.stdout_lines) + "\n"
-        host.noop(f"generated {len(missing)} secret(s) in {SECRETS_PATH} (0600); values are not shown")
+            # Throwaway values for the missing ones only: the rest of the dry run shows just what they change.
+            throwaway = Secrets.generate()
+            text = (text or "") + "".join(f"{name}={getattr(throwaway, name.lower())}\n" for name in missing)
+        else:
+            ok, _ = _run_quietly(_generate_missing_command())
+            if not ok:
+                raise DeployError(f"{host.name}: could not write {SECRETS_PATH}; check that the SSH user "
+                                  "is root or has sudo (_sudo = True). Nothing else was changed.")
+            text = _read_secrets_file()
+            host.noop(f"generated {len(missing)} secret(s) in {SECRETS_PATH} (0600); values are not shown")
     try:
         return Secrets.from_env(text, f"{host.name}:{SECRETS_PATH}")
     except SecretsError as error:

@@ -322,7 +322,8 @@ def test_render_reuses_the_secrets_file_unchanged(edgefit, tmp_path):
 
 def test_render_with_a_given_secrets_file(edgefit, tmp_path):
     given = Secrets(**{name: f"test-{name.replace('_', '-')}-000000000000000000"
-                       for name in Secrets.__dataclass_fields__})
+                       for name in Secrets.__dataclass_fields__ if name != "init_password"},
+                    init_password="test-init-password-00000000000")
     path = tmp_path / "my-secrets.env"
     path.write_text(given.to_env())
     path.chmod(0o600)
@@ -341,7 +342,8 @@ def test_render_refuses_upstream_default_secrets_without_printing_them(edgefit, 
     default = sorted(UPSTREAM_DEFAULTS)[0]
     path = tmp_path / "weak.env"
     path.write_text(Secrets(**{name: f"test-{name.replace('_', '-')}-000000000000000000"
-                               for name in Secrets.__dataclass_fields__}).to_env().replace(
+                               for name in Secrets.__dataclass_fields__ if name != "init_password"},
+                            init_password="test-init-password-00000000000").to_env().replace(
         "test-db-password-000000000000000000", default))
     result = edgefit("render", "--preset", "2C4G", "--out", str(tmp_path / "out"), "--secrets", str(path))
     line = assert_one_line_error(result, ["DB_PASSWORD"])

@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from edgefit.render import SELF_SIGNED_TLS_DIR
+
 from edgefit.images import FLOATING_TAGS
 from edgefit.plan import PRESETS, OPTIONAL_SERVICES, Plan
 from servers_helpers import base_env, compose_binary, preset_plan
@@ -170,6 +172,8 @@ def test_data_lives_in_bind_mounts_under_the_data_root(rendered, resolved):
             source = PurePosixPath(mount["source"])
             if source.is_relative_to(stack_dir):  # rendered config, never written by the service
                 assert mount.get("read_only"), f"{name}: config mount {mount['target']} is writable"
+            elif str(source) == SELF_SIGNED_TLS_DIR:  # the certificate made on the host once (roles/tls.py)
+                assert name == "nginx" and mount.get("read_only"), f"{name}: {source}"
             else:
                 assert source.is_relative_to(data_root), f"{name}: {source} is outside {data_root}"
         if name in DATA_TARGETS:

@@ -104,13 +104,14 @@ def test_squid_denies_every_address_that_is_not_global(ip):
 def test_nginx_serves_a_checked_domain_as_one_server_name():
     domain = checks.hostname("Dify.Example.com")
     conf = rendered("conf/nginx/nginx.conf", domain=domain)
-    assert re.findall(r"^\s*server_name (.*)$", conf, re.M) == ["dify.example.com;"]
-    assert conf.count("server {") == 1 and "autoindex" not in conf
+    # one server for port 80 (the redirect) and one for 443, both for the checked name only
+    assert re.findall(r"^\s*server_name (.*)$", conf, re.M) == ["dify.example.com;"] * 2
+    assert conf.count("server {") == 2 and "autoindex" not in conf
 
 
 def test_nginx_without_a_domain_answers_any_name():
     conf = rendered("conf/nginx/nginx.conf")
-    assert re.findall(r"^\s*server_name (.*)$", conf, re.M) == ["_;"]
+    assert re.findall(r"^\s*server_name (.*)$", conf, re.M) == ["_;"] * 2
 
 
 @pytest.mark.parametrize("domain", ["x; } server { listen 81; autoindex on; root /; } #", "a.example\nautoindex on",

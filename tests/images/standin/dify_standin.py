@@ -45,6 +45,12 @@ nothing for the measured reload time (14-37 s) times ``STANDIN_TIME_SCALE`` (def
 ``STANDIN_MEMORY_MODEL=off`` turns the model off. SIGTERM is a warm shutdown: running indexing
 tasks finish first (Celery's), and the worker role starts edgefit's memory watchdog from the
 mounted sitecustomize as the real `celery worker` process does.
+The api role follows Dify's rule for the first admin (api/controllers/console/init_validate.py
+and setup.py): with INIT_PASSWORD set, ``POST /console/api/init {"password": ...}`` (at most 30
+characters) answers 201 and marks the session (a cookie) validated, or 401 ``init_validate_failed``;
+``POST /console/api/setup`` answers 401 ``not_init_validated`` for a session that is not validated,
+403 ``already_setup`` once done, else 201. ``GET`` on both gives the status. The setup is kept in
+memory only (Dify keeps it in Postgres).
 ``STANDIN_LISTEN`` / ``STANDIN_PORT`` override the address and port; ``STANDIN_CHECK_TIMEOUT``
 (default 5 s) bounds each DB/Redis probe, and the probes run in parallel.
 
@@ -488,9 +494,65 @@ def connect_many(env: dict[str, str], n: int) -> dict:
 
 # ---- HTTP ---------------------------------------------------------------------------------
 
+INIT_PASSWORD_MAX_LENGTH = 30  # Dify's InitValidatePayload: password max_length=30
+
+
+class SetupState:
+    """Dify's first-admin gate, as the api answers it (in memory; Dify keeps it in Postgres)."""
+
+    def __init__(self, init_password: str | None):
+        self.init_password = init_password or None
+        self.validated_sessions: set[str] = set()
+        self.setup_at: float | None = None
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _error(code: int, error_code: str, message: str) -> tuple[int, dict, str | None]:
+        return code, {"code": error_code, "message": message, "status": code}, None
+
+    def init_status(self, session: str | None) -> dict:
+        done = self.init_password is None or self.setup_at is not None or session in self.validated_sessions
+        return {"status": "finished" if done else "not_started"}
+
+    def validate(self, payload: dict) -> tuple[int, dict, str | None]:
+        """POST /console/api/init -> (status, body, new session cookie or None)."""
+        if self.setup_at is not None:
+            return self._error(403, "already_setup", "Dify has been successfully installed.")
+        password = payload.get("password")
+        if not isinstance(password, str) or len(password) > INIT_PASSWORD_MAX_LENGTH:
+            return self._error(400, "invalid_param", "password: at most 30 characters")
+        if password != self.init_password:  # Dify: compared with os.environ["INIT_PASSWORD"]
+            return self._error(401, "init_validate_failed",
+                               "Init validation failed. Please check the password and try again.")
+        session = os.urandom(16).hex()
+        with self.lock:
+            self.validated_sessions.add(session)
+        return 201, {"result": "success"}, session
+
+    def setup(self, session: str | None, payload: dict) -> tuple[int, dict, str | None]:
+        """POST /console/api/setup: only for a validated session while no admin exists."""
+        with self.lock:
+            if self.setup_at is not None:
+                return self._error(403, "already_setup", "Dify has been successfully installed.")
+            if self.init_password and session not in self.validated_sessions:
+                return self._error(401, "not_init_validated",
+                                   "Init validation has not been completed yet. "
+                                   "Please proceed with the init validation process first.")
+            if not all(isinstance(payload.get(key), str) and payload[key] for key in ("email", "name", "password")):
+                return self._error(400, "invalid_param", "email, name and password are required")
+            self.setup_at = time.time()
+        return 201, {"result": "success"}, None
+
+    def setup_status(self) -> dict:
+        if self.setup_at is None:
+            return {"step": "not_started"}
+        return {"step": "finished", "setup_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.setup_at))}
+
+
 def make_handler(role: str, env: dict[str, str], model: MemoryModel | None = None):
     health_path = ROLES[role][2]
     model = model or MemoryModel(role, {**env, "STANDIN_MEMORY_MODEL": "off"})
+    gate = SetupState(env.get("INIT_PASSWORD"))
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "dify-standin/1"
@@ -498,9 +560,11 @@ def make_handler(role: str, env: dict[str, str], model: MemoryModel | None = Non
         def log_message(self, fmt, *args):  # one line per request on stderr, like a server log
             sys.stderr.write(f"[{role}] {self.address_string()} {fmt % args}\n")
 
-        def _send(self, code: int, body, content_type="application/json"):
+        def _send(self, code: int, body, content_type="application/json", cookie: str | None = None):
             data = body if isinstance(body, bytes) else (json.dumps(body) + "\n").encode()
             self.send_response(code)
+            if cookie:
+                self.send_header("Set-Cookie", f"session={cookie}; Path=/; HttpOnly; SameSite=Lax")
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -509,6 +573,30 @@ def make_handler(role: str, env: dict[str, str], model: MemoryModel | None = Non
 
         def do_HEAD(self):
             self.do_GET()
+
+        def _session(self) -> str | None:
+            for part in (self.headers.get("Cookie") or "").split(";"):
+                key, _, value = part.strip().partition("=")
+                if key == "session" and value:
+                    return value
+            return None
+
+        def do_POST(self):
+            path = urllib.parse.urlsplit(self.path).path
+            if role != "api" or path not in ("/console/api/init", "/console/api/setup"):
+                return self._send(404, {"error": "not found", "path": path, "standin": True})
+            length = min(int(self.headers.get("Content-Length") or 0), 65536)
+            try:
+                payload = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                payload = None
+            if not isinstance(payload, dict):
+                return self._send(400, {"code": "invalid_param", "message": "a JSON object is expected", "status": 400})
+            if path == "/console/api/init":
+                code, body, cookie = gate.validate(payload)
+            else:
+                code, body, cookie = gate.setup(self._session(), payload)
+            return self._send(code, body, cookie=cookie)
 
         def do_GET(self):
             url = urllib.parse.urlsplit(self.path)
@@ -524,6 +612,10 @@ def make_handler(role: str, env: dict[str, str], model: MemoryModel | None = Non
                 if role == "plugin_daemon":
                     body = {"code": 0 if code == 200 else -1, "message": body["status"], "data": body}
                 return self._send(code, body)
+            if role == "api" and path == "/console/api/init":
+                return self._send(200, gate.init_status(self._session()))
+            if role == "api" and path == "/console/api/setup":
+                return self._send(200, gate.setup_status())
             if path == "/debug/gc":
                 site = sys.modules.get("sitecustomize")
                 return self._send(200, {

@@ -22,6 +22,7 @@ packages=(
   openssh-server iproute2 sudo
   python3 python3-psutil                     # pyinfra facts and the memory-verify command
   docker.io apparmor iptables ca-certificates # apparmor: without it `docker run` refuses
+  nftables openssl                           # edgefit's firewall and self-signed certificate (the VMs have no network)
 )
 
 here=$(cd "$(dirname "$0")" && pwd)
