@@ -108,7 +108,7 @@ def plan_from_live_facts(host) -> Plan:
     import runpy
 
     data = {k: v for k, v in runpy.run_path(str(REPO / "group_data" / "vagrant.py")).items() if k.startswith("edgefit_")}
-    settings = read_settings(data)
+    settings = read_settings({**data, **host.pyinfra_data()})  # the host's own data (ssh_port) as the inventory gives it
     facts = fact_on(host, HostSizeFacts)
     device = fact_on(host, BlockDevice, path=settings.options.data_disk)
     return check_and_plan(settings, facts, device, docker_installed=True)
