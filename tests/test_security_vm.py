@@ -83,7 +83,6 @@ def test_a_second_deploy_keeps_the_certificate(deployed_stack):
     run = run_deploy(deployed_stack.inventory, "--limit", "edge-small")
     assert run.returncode == 0, run.output[-4000:]
     assert small.run("sha256sum /etc/edgefit/tls/self-signed/cert.pem").stdout == before
-    assert "self-signed certificate" in run.output, "the deploy says it is self-signed"
     assert run.changed_operations("edge-small") == [], "a host at its plan: no operation"
 
 
