@@ -98,7 +98,7 @@ def decide(plan: Plan, rendered: list[StackFile], live: dict) -> Changes:
     changes.restart_journald = JOURNALD_CONF in uploaded
 
     views = _container_views(live.get("snapshot"))
-    created = [_epoch(v.get("created")) for v in views.values()]
+    created = [parse_docker_time(v.get("created")) for v in views.values()]
     oldest_container = min((t for t in created if t is not None), default=None)
     daemon_mtime = (live["files"].get(DAEMON_JSON) or {}).get("mtime")
     changes.restart_docker = DAEMON_JSON in uploaded
@@ -147,7 +147,7 @@ def _restart_reason(service: str, files: list[StackFile], uploaded: set, live: d
     changed = [f.dest for f in own if f.dest in uploaded]
     if changed:
         return f"{', '.join(changed)} changed"
-    started = _epoch(view.get("started_at"))
+    started = parse_docker_time(view.get("started_at"))
     stale = [f.dest for f in own if started is not None and ((live["files"].get(f.dest) or {}).get("mtime") or 0) > started]
     if stale:
         return f"{', '.join(stale)} is newer than the running container"
@@ -188,7 +188,3 @@ def _sysctl_differs(content: str, live: dict[str, str]) -> bool:
 def sysctl_keys(content: str) -> tuple[str, ...]:
     return tuple(line.partition("=")[0].strip() for line in content.splitlines()
                  if "=" in line and not line.lstrip().startswith("#"))
-
-
-def _epoch(text: str | None) -> float | None:
-    return parse_docker_time(text)
