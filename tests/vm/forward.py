@@ -20,6 +20,7 @@ from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 CONNECT_TIMEOUT = 10
+STAY = "-"  # as NETNS: forward within the caller's own namespace (the forwarder's own test)
 
 
 def enter_netns(name: str) -> None:
@@ -48,7 +49,10 @@ def pump(source: socket.socket, sink: socket.socket) -> None:
 
 def serve(listener: socket.socket, target: tuple[str, int]) -> None:
     while True:
-        client, _ = listener.accept()
+        try:
+            client, _ = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            continue  # a client that gave up between the kernel's queue and accept(): wait on
         try:
             upstream = socket.create_connection(target, timeout=CONNECT_TIMEOUT)
             upstream.settimeout(None)
@@ -85,7 +89,12 @@ def cmdline_marker(host_name: str) -> str:
 def main(argv: list[str]) -> None:
     listen_fd, netns, host, port, _host_name = argv  # the name: to find it in a process list
     listener = socket.socket(fileno=int(listen_fd))
-    enter_netns(netns)
+    # The fd comes in with whatever O_NONBLOCK the parent left on it: a pytest process that
+    # imported pyinfra_cli is gevent-patched, and gevent's sockets are non-blocking, so accept()
+    # here would fail at once with EAGAIN and take every SSH connection to the guest with it.
+    listener.setblocking(True)
+    if netns != STAY:
+        enter_netns(netns)
     serve(listener, (host, int(port)))
 
 
