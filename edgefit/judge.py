@@ -4,7 +4,9 @@ Pure and standard-library only (no I/O in evaluate(), no import of the rest of e
 standard-library siblings), so the verify timer runs it on the host next to sampler.py.
 limit_drift() is the one definition of a container's limit drift.
 
-Severities: "fail" (the host is unhealthy or off its plan: exit 1), "warn" (worth a look, exit 0
+Severities: "fail" (the host is unhealthy or off its plan: exit 1), "unchecked" (a check that
+could not run, e.g. a docker exec that timed out on a slow host: exit 2, verdict "incomplete",
+since a drift it would have found is not known to be absent), "warn" (worth a look, exit 0
 unless --strict), "info". A host that could not be checked at all has verdict "error" (exit 2).
 """
 
@@ -186,10 +188,16 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
     items = findings.items
     failing = [f for f in items if f["severity"] == "fail" or (strict and f["severity"] == "warn")]
     warnings = [f for f in items if f["severity"] == "warn" and f not in failing]
+    unchecked = [f for f in items if f["severity"] == "unchecked"]
     if failing:
         verdict, code = "fail", EXIT_FAIL
         summary = f"FAIL: {len(failing)} problem{'s' if len(failing) != 1 else ''}: " + \
             "; ".join(f["message"] for f in failing[:3]) + ("; ..." if len(failing) > 3 else "")
+    elif unchecked:
+        verdict, code = "incomplete", EXIT_ERROR
+        summary = (f"COULD NOT CHECK {len(unchecked)} thing{'s' if len(unchecked) != 1 else ''}: "
+                   + "; ".join(f["message"] for f in unchecked[:3]) + ("; ..." if len(unchecked) > 3 else "")
+                   + "; nothing else failed")
     else:
         verdict, code = "ok", EXIT_OK
         summary = (f"OK: healthy and within budget ({host_figures['containers_now_mib']:.0f} of "
@@ -199,6 +207,8 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
     return {
         "host": host, "verdict": verdict, "exit_code": code, "summary": summary,
         "window_s": window, "samples": len(host_samples), "sampler_elapsed_s": samples.get("elapsed_s"),
+        # the host's pace as the sampler saw it: its first docker call, and the exec timeout it chose
+        "first_docker_call_s": docker.get("first_call_s"), "exec_timeout_s": docker.get("exec_timeout_s"),
         "plan": {"cpus": expected["host"]["cpus"], "memory_mib": expected["host"]["memory_mib"],
                  "preset": expected.get("preset"), "total_mem_limit_mib": expected.get("total_mem_limit_mib"),
                  "reserve_mib": expected.get("reserve_mib")},
@@ -495,7 +505,8 @@ def _answer(checks: dict, kind: str, service: str, running: set, what: str, find
         return None
     got = checks.get(kind) if kind == "postgres" else (checks.get(kind) or {}).get(service)
     if not got or got.get("error"):
-        findings.add("warn", "check_failed", f"could not read {what}: {(got or {}).get('error', 'no answer')}", service)
+        findings.add("unchecked", "check_failed", f"could not read {what}: {(got or {}).get('error', 'no answer')}",
+                      service)
         return None
     return got
 

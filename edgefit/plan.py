@@ -208,6 +208,39 @@ MIN_SWAP_MIB = 256
 GOMEMLIMIT_SHARE = 0.8
 
 
+@dataclass(frozen=True)
+class HealthCheck:
+    """Docker's healthcheck timing for one service (compose `healthcheck:`), in seconds."""
+
+    interval_s: int
+    timeout_s: int
+    retries: int
+    start_period_s: int = 0
+
+
+# Every probe runs through `docker exec`, and starting a process in a container (runc, through
+# containerd) alone took over 5 s on the emulated 2- and 4-core test hosts under load: with a 5 s
+# timeout, redis_broker went "unhealthy" for 12 probes in a row while Redis answered at once
+# (issue 14). A probe's timeout only bounds a hung probe, so it is Docker's own default, 30 s,
+# everywhere; how soon a dead service shows is interval x retries, unchanged. The intervals stay
+# short for the servers others wait on (compose's service_healthy gates every start) and 30 s
+# for the rest; start_period covers the measured cold start (the real api: migrations, then
+# gunicorn's app import, 14-37 s per worker on the test machines; see dify-memory.md).
+PROBE_TIMEOUT_S = 30
+HEALTHCHECKS = {
+    "api": HealthCheck(30, PROBE_TIMEOUT_S, 5, 180),
+    "web": HealthCheck(30, PROBE_TIMEOUT_S, 5, 60),
+    "db": HealthCheck(10, PROBE_TIMEOUT_S, 10, 60),
+    "pgbouncer": HealthCheck(10, PROBE_TIMEOUT_S, 10, 20),
+    "redis": HealthCheck(10, PROBE_TIMEOUT_S, 10),
+    "redis_broker": HealthCheck(10, PROBE_TIMEOUT_S, 10),
+    "sandbox": HealthCheck(30, PROBE_TIMEOUT_S, 5, 30),
+    "plugin_daemon": HealthCheck(30, PROBE_TIMEOUT_S, 5, 60),
+    "nginx": HealthCheck(30, PROBE_TIMEOUT_S, 5),
+    "weaviate": HealthCheck(30, PROBE_TIMEOUT_S, 5),
+}
+
+
 def reserve_mib(memory_mib: int) -> int:
     return RESERVE_FIXED_MIB + int(RESERVE_FRACTION * memory_mib)
 
@@ -381,6 +414,11 @@ class Plan:
     behind_proxy: bool = False
     firewall: bool = True
     ssh_port: int = 22
+
+    @property
+    def healthchecks(self) -> dict[str, HealthCheck]:
+        """The healthcheck timing of each planned service that has one (HEALTHCHECKS)."""
+        return {name: HEALTHCHECKS[name] for name in self.services if name in HEALTHCHECKS}
 
     @property
     def total_mem_limit_mib(self) -> int:

@@ -42,7 +42,13 @@ NO_RECORD = "@@EDGEFIT-NO-PLAN-OF-RECORD@@"
 NO_PYTHON = "@@EDGEFIT-NO-PYTHON3@@"
 CONNECT_TIMEOUT = 10
 PREPARE_TIMEOUT = 20
-SAMPLER_SLACK = 20  # seconds beyond the window the sampler may take (its own bound is ~8 s)
+SAMPLER_SLACK = 10  # seconds for python3's start and the JSON's way back, beyond the sampler's own bound
+
+
+def sampler_bound(window: float) -> float:
+    """The most one sampler run over SSH may take (sampler.run_bound: the window plus the longest
+    exec timeout it may choose on a slow host), plus the way there and back."""
+    return sampler_module.run_bound(window) + SAMPLER_SLACK
 
 
 class VerifyUsageError(Exception):
@@ -160,7 +166,7 @@ def check_host(state, host, options: VerifyOptions) -> dict:
     """Everything for one host; returns its report and never raises."""
     name = host.name
     began = time.monotonic()
-    bound = CONNECT_TIMEOUT + PREPARE_TIMEOUT + options.window + SAMPLER_SLACK + 5
+    bound = CONNECT_TIMEOUT + PREPARE_TIMEOUT + sampler_bound(options.window) + 5
     try:
         with gevent.Timeout(bound):
             report = _check_host(state, host, options)
@@ -201,10 +207,10 @@ def _check_host(state, host, options: VerifyOptions) -> dict:
     try:
         ok, output = host.run_shell_command(
             sampler_command(options, paths), print_output=False,
-            **{**arguments, "_stdin": source, "_timeout": int(options.window + SAMPLER_SLACK)})
+            **{**arguments, "_stdin": source, "_timeout": int(sampler_bound(options.window))})
     except TimeoutError:
         return judge.error_report(name, f"the sampler on {name} did not finish within "
-                                         f"{options.window + SAMPLER_SLACK:g}s")
+                                         f"{int(sampler_bound(options.window))}s")
     stdout = [line for line in output.stdout_lines if line.strip()]
     if stdout and stdout[-1].strip() == NO_PYTHON:
         return judge.error_report(name, f"python3 is not installed on {name} (the sampler needs it)")
@@ -231,7 +237,7 @@ def run_verify(inventory: str, limits: list[str] | None, options: VerifyOptions,
     started = time.monotonic()
     state, hosts = load_inventory(inventory, limits)
     greenlets = [state.pool.spawn(check_host, state, host, options) for host in hosts]
-    bound = CONNECT_TIMEOUT + PREPARE_TIMEOUT + options.window + SAMPLER_SLACK + 15
+    bound = CONNECT_TIMEOUT + PREPARE_TIMEOUT + sampler_bound(options.window) + 15
     gevent.joinall(greenlets, timeout=bound)
     reports = []
     for host, greenlet in zip(hosts, greenlets):

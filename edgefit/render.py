@@ -19,6 +19,7 @@ from edgefit.expectations import expectations
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
 from edgefit.safe_write import write_atomic
+from edgefit.sampler import run_bound
 from edgefit.secrets import Secrets
 
 PLAN_OF_RECORD_SCHEMA = 2
@@ -178,7 +179,9 @@ def _verify_timer_files(render, every: str) -> list[StackFile]:
     """`edgefit verify` on the host itself: its standard-library modules and the units."""
     units = {"lib_dir": VERIFY_LIB_DIR, "expect_path": PLAN_OF_RECORD, "report_path": VERIFY_REPORT,
              "window": VERIFY_TIMER_WINDOW_S, "interval": VERIFY_TIMER_INTERVAL_S,
-             "since": verify_timer_since_s(every), "every": every}
+             "since": verify_timer_since_s(every), "every": every,
+             # systemd's bound on one run: the sampler's own (slow hosts included), then python's start
+             "timeout_s": int(run_bound(VERIFY_TIMER_WINDOW_S)) + 30}
     return [
         *(StackFile(f"{VERIFY_LIB_DIR}/edgefit/{name}", (MODULES_DIR / name).read_text()) for name in VERIFY_MODULES),
         StackFile(VERIFY_SERVICE, render("edgefit-verify.service.j2", **units), systemd_unit=True),

@@ -6,6 +6,14 @@ from __future__ import annotations
 from edgefit.judge import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 
 
+SHOWN = ("fail", "unchecked", "warn")  # the findings a person sees, in this order
+
+
+def finding_line(finding: dict) -> str:
+    label = "NOT CHECKED" if finding["severity"] == "unchecked" else finding["severity"].upper()
+    return f"{label} {finding['message']}"
+
+
 def _fmt(value, suffix: str = "", width: int = 0) -> str:
     text = "-" if value is None else f"{value:.0f}{suffix}"
     return text.rjust(width)
@@ -32,11 +40,11 @@ def format_report(report: dict) -> str:
         lines.append(f"  {row['service']:<14}{_fmt(row.get('limit_mib'), ' MiB', 9)}{_fmt(row.get('now_mib'), ' MiB', 9)}"
                      f"{_fmt(row.get('peak_mib'), ' MiB', 9)}{_fmt(row.get('pct_of_budget'), ' %', 8)}"
                      f"{_fmt(row.get('cpu_pct'), ' %', 7)}  {row['state']}")
-    shown = [f for f in report["findings"] if f["severity"] in ("fail", "warn")]
+    shown = [f for f in report["findings"] if f["severity"] in SHOWN]
     if shown:
-        lines.append("  problems:" if any(f["severity"] == "fail" for f in shown) else "  warnings:")
-        for finding in sorted(shown, key=lambda f: f["severity"] != "fail"):
-            lines.append(f"    {finding['severity'].upper()} {finding['message']}")
+        lines.append("  problems:" if any(f["severity"] != "warn" for f in shown) else "  warnings:")
+        for finding in sorted(shown, key=lambda f: SHOWN.index(f["severity"])):
+            lines.append(f"    {finding_line(finding)}")
     lines.append(f"  (window {report.get('window_s', 0):g}s, {report.get('samples')} samples; now: in use without "
                  "inactive page cache, as docker stats; peak: highest since the container started)")
     return "\n".join(lines)
@@ -44,17 +52,17 @@ def format_report(report: dict) -> str:
 
 def overall(reports: list[dict]) -> tuple[int, str]:
     """Exit code and the line on top: 1 when any checked host fails, else 2 when any host
-    could not be checked, else 0."""
-    counts = {verdict: sum(1 for r in reports if r["verdict"] == verdict) for verdict in ("ok", "fail", "error")}
+    could not be checked (wholly or in part), else 0."""
+    labels = (("ok", "ok"), ("fail", "failing"), ("incomplete", "partly checked"), ("error", "not checked"))
+    counts = {verdict: sum(1 for r in reports if r["verdict"] == verdict) for verdict, _ in labels}
     if counts["fail"]:
         code = EXIT_FAIL
-    elif counts["error"]:
+    elif counts["error"] or counts["incomplete"]:
         code = EXIT_ERROR
     else:
         code = EXIT_OK
     word = {EXIT_OK: "OK", EXIT_FAIL: "FAIL", EXIT_ERROR: "COULD NOT CHECK"}[code]
-    parts = [f"{counts[v]} {label}" for v, label in (("ok", "ok"), ("fail", "failing"), ("error", "not checked"))
-             if counts[v]]
+    parts = [f"{counts[v]} {label}" for v, label in labels if counts[v]]
     return code, f"edgefit verify: {word}: {len(reports)} host{'s' if len(reports) != 1 else ''}: {', '.join(parts)}"
 
 

@@ -29,7 +29,12 @@ import time
 SCHEMA = 1
 PROJECT = "edgefit-dify"
 STACK_DIR = "/opt/edgefit"
-EXEC_TIMEOUT = 8.0  # one docker exec/inspect; the run's end waits at most this long for checks
+EXEC_TIMEOUT = 8.0  # one docker exec/inspect at least; the run's end waits at most this long for checks
+# A host's own pace sets the bound for the rest: docker calls took 1-9 s each on the emulated test
+# hosts under load, and an exec costs several times a `docker ps` (issue 14). The first call's
+# time times this factor, between EXEC_TIMEOUT and MAX_EXEC_TIMEOUT, bounds every later call.
+SLOW_HOST_FACTOR = 8
+MAX_EXEC_TIMEOUT = 45.0
 GC_SERVICES = ("api", "worker", "worker_beat")
 REDIS_SERVICES = ("redis", "redis_broker")
 POSTGRES_SERVICE = "db"
@@ -51,6 +56,12 @@ JOIN_SLACK_S = 2.0  # beyond a check's own timeout, for killing it and its threa
 END_CALLS_LEAD_S = 5.0  # seconds before the window ends that its end-of-window docker calls start
 
 
+def run_bound(window: float) -> float:
+    """The longest one sampler run may take: the window, then the longest exec timeout it may
+    choose on a slow host, then the join's slack (the callers add their own start-up slack)."""
+    return window + MAX_EXEC_TIMEOUT + JOIN_SLACK_S
+
+
 def run(argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str, str]:
     """(exit code or None when it could not run / timed out, stdout, stderr)."""
     try:
@@ -59,7 +70,7 @@ def run(argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str
     except FileNotFoundError:
         return None, "", f"{argv[0]}: not found"
     except subprocess.TimeoutExpired:
-        return None, "", f"timed out after {timeout:g}s"
+        return None, "", f"timed out after {round(timeout, 1):g}s"
     except OSError as error:
         return None, "", str(error)
     return done.returncode, done.stdout, done.stderr
@@ -222,17 +233,23 @@ class Docker:
         self.argv = shlex.split(args.docker)
         self.errors = errors
         self.status: dict = {}
+        self.exec_timeout = args.exec_timeout  # raised by list_containers() on a slow host
 
-    def run(self, *argv: str, extra_s: float = 0.0) -> tuple[int | None, str, str]:
-        return run(self.argv + list(argv), self.args.exec_timeout + extra_s)
+    def run(self, *argv: str, extra_s: float = 0.0, timeout: float | None = None) -> tuple[int | None, str, str]:
+        return run(self.argv + list(argv), timeout if timeout is not None else self.exec_timeout + extra_s)
 
     def list_containers(self) -> list[dict] | None:
+        started = time.monotonic()
         code, out, err = self.run("ps", "-aq", "--no-trunc", "--filter",
                                          f"label=com.docker.compose.project={self.args.project}")
+        first_call_s = time.monotonic() - started
+        self.exec_timeout = min(max(self.args.exec_timeout, SLOW_HOST_FACTOR * first_call_s),
+                                max(self.args.exec_timeout, MAX_EXEC_TIMEOUT))
+        self.status = {"first_call_s": round(first_call_s, 2), "exec_timeout_s": round(self.exec_timeout, 1)}
         if code != 0:
-            self.status = {"ok": False, "error": (err.strip().splitlines() or ["no output"])[-1]}
+            self.status.update(ok=False, error=(err.strip().splitlines() or ["no output"])[-1])
             return None
-        self.status = {"ok": True}
+        self.status["ok"] = True
         ids = out.split()
         return self.inspect(ids) if ids else []
 
@@ -280,11 +297,11 @@ class ServiceChecks:
     def __init__(self, docker: Docker):
         self.docker = docker
 
-    def redis_check(self, record: dict, with_config: bool, extra_s: float = 0.0) -> dict:
+    def redis_check(self, record: dict, with_config: bool, timeout: float | None = None) -> dict:
         script = ("redis-cli --no-auth-warning -h 127.0.0.1 CONFIG GET 'maxmemory*'; echo '@@INFO@@'; "
                   "redis-cli --no-auth-warning -h 127.0.0.1 INFO") if with_config else \
                  "echo '@@INFO@@'; redis-cli --no-auth-warning -h 127.0.0.1 INFO"
-        code, out, err = self.docker.run("exec", record["id"], "sh", "-c", script, extra_s=extra_s)
+        code, out, err = self.docker.run("exec", record["id"], "sh", "-c", script, timeout=timeout)
         if code != 0 or "@@INFO@@" not in out:
             return {"error": (err.strip().splitlines() or out.strip().splitlines() or [f"exit {code}"])[-1][:200]}
         config_part, _, info_part = out.partition("@@INFO@@")
@@ -302,11 +319,11 @@ class ServiceChecks:
             result["error"] = (out.strip().splitlines() or ["no answer"])[-1][:200]
         return result
 
-    def postgres_check(self, record: dict, extra_s: float = 0.0) -> dict:
+    def postgres_check(self, record: dict, timeout: float | None = None) -> dict:
         names = ",".join(f"'{name}'" for name in POSTGRES_SETTINGS)
         code, out, err = self.docker.run(
             "exec", record["id"], "psql", "-U", "postgres", "-d", "postgres", "-XAtq", "-F", "|", "-c",
-            f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})", extra_s=extra_s)
+            f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})", timeout=timeout)
         if code != 0:
             return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
         settings = {}
@@ -316,9 +333,9 @@ class ServiceChecks:
                 settings[parts[0]] = {"setting": parts[1], "unit": parts[2]}
         return {"settings": settings}
 
-    def gc_check(self, record: dict, extra_s: float = 0.0) -> dict:
+    def gc_check(self, record: dict, timeout: float | None = None) -> dict:
         code, out, err = self.docker.run("exec", record["id"], "python3", "-c",
-                                         "import gc; print(gc.get_threshold())", extra_s=extra_s)
+                                         "import gc; print(gc.get_threshold())", timeout=timeout)
         if code != 0:
             return {"error": (err.strip().splitlines() or [f"exit {code}"])[-1][:200]}
         return {"threshold": out.strip()}
@@ -398,10 +415,11 @@ class Sampler:
             "cpu_max": (read_text(os.path.join(directory, "cpu.max")) or "").strip() or None,
         }
 
-    def start_checks(self) -> list[threading.Thread]:
-        # Started with the window and joined only after it: each may use the whole window plus
-        # one exec timeout (docker exec takes seconds on a loaded host).
-        extra = self.args.window
+    def start_checks(self, deadline: float) -> list[threading.Thread]:
+        """The docker exec checks, one after another in one thread, from the window's start until
+        deadline (the window plus one exec timeout): in parallel they were a burst of runc starts
+        that, on a 2-core host, made every one of them late together (and the stack's own
+        healthchecks with them); in turn, each gets whatever time is left."""
         jobs = []
         for record in self.containers.values():
             if not record["start"]["running"]:
@@ -411,12 +429,18 @@ class Sampler:
             if kind not in self.args.checks:
                 continue
             if service in REDIS_SERVICES:
-                jobs.append((("redis", service), lambda r=record: self.service_checks.redis_check(r, True, extra)))
+                jobs.append((("redis", service), lambda t, r=record: self.service_checks.redis_check(r, True, t)))
             elif service == POSTGRES_SERVICE:
-                jobs.append((("postgres", None), lambda r=record: self.service_checks.postgres_check(r, extra)))
+                jobs.append((("postgres", None), lambda t, r=record: self.service_checks.postgres_check(r, t)))
             elif service in GC_SERVICES:
-                jobs.append((("gc", service), lambda r=record: self.service_checks.gc_check(r, extra)))
-        return [self._thread(key, job) for key, job in jobs]
+                jobs.append((("gc", service), lambda t, r=record: self.service_checks.gc_check(r, t)))
+
+        def in_turn():
+            for key, job in jobs:
+                left = deadline - time.monotonic()
+                value = job(left) if left >= 1.0 else {"error": "not run: no time left in the window"}
+                self._keep(key, value)
+        return [self._thread(("checks", None), in_turn)] if jobs else []
 
     def _thread(self, key, job) -> threading.Thread:
         def target():
@@ -424,24 +448,28 @@ class Sampler:
                 value = job()
             except Exception as error:  # a check must never take the sampler down
                 value = {"error": f"{type(error).__name__}: {error}"}
-            kind, name = key
-            if kind == "inspect_end":
-                self._end_views = value if isinstance(value, list) else []
-            elif kind == "events":
-                self._events = value if isinstance(value, list) else []
-            elif kind == "postgres":
-                self.checks["postgres"] = value
-            elif kind == "redis_end":
-                self.checks["redis"].setdefault(name, {})["info_end"] = value.get("info")
-            else:
-                earlier = self.checks[kind].get(name)
-                if isinstance(earlier, dict) and isinstance(value, dict):
-                    # the end-of-window call may answer first (its info_end is kept)
-                    value = {**value, **earlier}
-                self.checks[kind][name] = value
+            if key[0] != "checks":  # those keep their own answers as they come
+                self._keep(key, value)
         thread = threading.Thread(target=target, daemon=True)
         thread.start()
         return thread
+
+    def _keep(self, key, value) -> None:
+        kind, name = key
+        if kind == "inspect_end":
+            self._end_views = value if isinstance(value, list) else []
+        elif kind == "events":
+            self._events = value if isinstance(value, list) else []
+        elif kind == "postgres":
+            self.checks["postgres"] = value
+        elif kind == "redis_end":
+            self.checks["redis"].setdefault(name, {})["info_end"] = value.get("info")
+        else:
+            earlier = self.checks[kind].get(name)
+            if isinstance(earlier, dict) and isinstance(value, dict):
+                # the end-of-window call may answer first (its info_end is kept)
+                value = {**value, **earlier}
+            self.checks[kind][name] = value
 
     # -- the run
     def host_sample(self, t: float) -> dict:
@@ -487,7 +515,8 @@ class Sampler:
             self.containers[view["id"]] = record
 
         self.take_sample(0.0)
-        threads = self.start_checks()
+        exec_timeout = self.docker.exec_timeout
+        threads = self.start_checks(began + args.window + exec_timeout)
         samples = max(1, int(round(args.window / args.interval)))
         # docker calls are slow on a loaded host (seconds each under emulation), so the calls
         # about the window's end start shortly before it: `docker events --until` streams
@@ -500,7 +529,8 @@ class Sampler:
             for record in self.containers.values():
                 if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES and "redis" in args.checks:
                     end_threads.append(self._thread(("redis_end", record["start"]["service"]),
-                                                    lambda r=record: self.service_checks.redis_check(r, False, lead)))
+                                                    lambda r=record: self.service_checks.redis_check(
+                                                        r, False, lead + exec_timeout)))
             if "events" in args.checks:
                 end_threads.append(self._thread(("events", None),
                                                 lambda: self.docker.events(wall_end - args.events_since, wall_end)))
@@ -515,18 +545,18 @@ class Sampler:
         if not end_threads:
             start_end_calls()
 
-        # End of the window: restart counts and states as they are now. All docker calls run at
-        # once, so the run ends at most one --exec-timeout after the window.
+        # End of the window: restart counts and states as they are now. These docker calls run at
+        # once, so the run ends at most one exec timeout after the window.
         end_threads.append(self._thread(("inspect_end", None), lambda: self.docker.inspect(list(self.containers))))
         for record in self.containers.values():
             record["cgroup_end"] = self.cgroup_snapshot(record)
         self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))
         self.result["files"] = {path: sha256_file(path) for path in args.hash}
-        deadline = time.monotonic() + args.exec_timeout + JOIN_SLACK_S
+        deadline = time.monotonic() + exec_timeout + JOIN_SLACK_S
         for thread in threads + end_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if any(thread.is_alive() for thread in threads + end_threads):
-            self.errors.append(f"some docker calls did not answer within {args.exec_timeout:g}s")
+            self.errors.append(f"some docker calls did not answer within {exec_timeout:g}s")
         ends = {view["id"]: view for view in self._end_views or []}
         for container_id, record in self.containers.items():
             record["end"] = ends.get(container_id)
@@ -554,7 +584,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checks", type=lambda text: set(text.split(",")), default={"redis", "postgres", "gc", "events"},
                         help="which checks to run: redis,postgres,gc (docker exec) and events (default all)")
     parser.add_argument("--exec-timeout", type=float, default=EXEC_TIMEOUT,
-                        help=f"seconds one docker call may take (default {EXEC_TIMEOUT:g})")
+                        help=f"seconds one docker call may take at least (default {EXEC_TIMEOUT:g}; on a slow host "
+                             f"{SLOW_HOST_FACTOR}x its first call, up to {MAX_EXEC_TIMEOUT:g})")
     args = parser.parse_args(argv)
     if not 0 < args.window <= 3600 or not 0 < args.interval <= args.window:
         parser.error("need 0 < --interval <= --window <= 3600")

@@ -13,7 +13,10 @@ import subprocess
 import sys
 
 from edgefit.judge import EXIT_ERROR, error_report, evaluate
-from edgefit.report import compact_line
+from edgefit.report import SHOWN, compact_line, finding_line
+from edgefit.sampler import run_bound
+
+START_SLACK_S = 10  # python3's start and the JSON's parsing, beyond the sampler's own bound
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--hash", path]
     command += shlex.split(args.sampler_args)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.window + 30)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=run_bound(args.window) + START_SLACK_S)
         samples = json.loads(done.stdout.strip().splitlines()[-1])
         report = evaluate(samples, expected, host=args.host)
     except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as error:
         report = error_report(args.host, f"the sampler failed: {error}")
     print(compact_line(report) if report["verdict"] != "error" else report["summary"])
     for finding in report["findings"]:
-        if finding["severity"] in ("fail", "warn"):
-            print(f"{finding['severity'].upper()} {finding['message']}")
+        if finding["severity"] in SHOWN:
+            print(finding_line(finding))
     if args.json_out:
         temporary = args.json_out + ".tmp"
         with open(temporary, "w") as handle:

@@ -10,6 +10,7 @@ needed. Expected values come from the plan made with the same options.
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -132,7 +133,16 @@ def test_every_service_has_the_planned_limits(rendered, resolved):
     assert total + plan.reserve_mib * MIB <= plan.host.memory_mib * MIB
 
 
-def test_healthchecks(resolved):
+def go_seconds(duration: str) -> float:
+    """A Go duration as Compose prints it ("3m0s", "30s", "1h0m0s") -> seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:([\d.]+)s)?", duration)
+    assert parts and duration, duration
+    hours, minutes, seconds = (float(part or 0) for part in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def test_healthchecks(rendered, resolved):
+    planned = rendered.plan.healthchecks
     for name, service in resolved["services"].items():
         if name in NO_HEALTHCHECK:
             continue
@@ -141,6 +151,14 @@ def test_healthchecks(resolved):
         assert not check.get("disable"), f"{name}'s healthcheck is disabled"
         assert check.get("test") and check["test"][0] in ("CMD", "CMD-SHELL"), name
         assert check.get("interval") and check.get("timeout") and check.get("retries"), name
+        # The timing is the plan's (HEALTHCHECKS), as Compose itself read it.
+        want = planned[name]
+        assert go_seconds(check["interval"]) == want.interval_s, name
+        assert go_seconds(check["timeout"]) == want.timeout_s, name
+        assert check["retries"] == want.retries, name
+        assert go_seconds(check.get("start_period", "0s")) == want.start_period_s, name
+        # A probe is a docker exec: on a host with CPU steal the exec alone took over 5 s.
+        assert want.timeout_s >= 30, f"{name}: a probe timeout under 30 s flaps on a slow host"
 
 
 def test_only_nginx_publishes_a_port(resolved):

@@ -326,11 +326,29 @@ def test_host_pressure_low_memavailable_and_swap_warn(fake, plan):
     assert report["host_memory"]["mem_available_mib"] == 100 and report["host_memory"]["swap_used_mib"] == 924
 
 
-def test_checks_that_cannot_run_are_warnings_not_crashes(fake):
+def unchecked(report: dict) -> list[dict]:
+    return [f for f in report["findings"] if f["severity"] == "unchecked"]
+
+
+def test_a_check_that_cannot_run_makes_the_host_incomplete_not_ok(fake):
+    # A drift check that did not run has not shown there is no drift: exit 2, named, the rest judged.
     del fake.exec_answers("api")["python3"]
     report = fake.judge()
-    assert any(f["service"] == "api" and "GC thresholds" in f["message"] for f in warns(report, "check_failed"))
-    assert report["verdict"] == "ok"
+    assert [f["service"] for f in unchecked(report)] == ["api"]
+    assert "GC thresholds" in unchecked(report)[0]["message"]
+    assert report["verdict"] == "incomplete" and report["exit_code"] == 2
+    assert report["summary"].startswith("COULD NOT CHECK 1 thing: could not read api's GC thresholds")
+    code, headline = reporting.overall([report])
+    assert code == 2 and "1 partly checked" in headline
+    assert "NOT CHECKED could not read api's GC thresholds" in reporting.format_report(report)
+
+
+def test_a_failure_outranks_a_check_that_could_not_run(fake):
+    del fake.exec_answers("api")["python3"]
+    fake.set_redis("redis", 0, "allkeys-lru")  # CONFIG SET maxmemory 0
+    report = fake.judge()
+    assert report["verdict"] == "fail" and report["exit_code"] == 1
+    assert unchecked(report)
 
 
 # ---- could not check --------------------------------------------------------------------------
@@ -358,11 +376,16 @@ def test_the_sampler_stays_bounded_when_docker_exec_hangs(fake):
     samples = fake.sample(window=0.5, interval=0.25, exec_timeout=1.0)
     elapsed = time.monotonic() - started
     assert elapsed < 0.5 + 1.0 + sampler.JOIN_SLACK_S + 1.0, elapsed
-    # Checks start with the window, so each may use the window (0.5 s) plus one exec timeout.
-    assert samples["checks"]["gc"]["api"] == {"error": "timed out after 1.5s"}
+    # The checks run in turn from the window's start until the window plus one exec timeout:
+    # the first that hangs uses all of it, the ones after it are not run, and each is named.
+    answers = [samples["checks"]["redis"].get("redis"), samples["checks"]["redis"].get("redis_broker"),
+               samples["checks"]["postgres"], *samples["checks"]["gc"].values()]
+    errors = sorted(answer["error"] for answer in answers if answer)
+    assert len(errors) == 5 and re.fullmatch(r"timed out after 1\.[3-5]s", errors[-1]), errors
+    assert set(errors[:-1]) == {"not run: no time left in the window"}, errors
     report = judge.evaluate(samples, fake.expected)
-    assert report["verdict"] == "ok"  # checks that did not answer are warnings, named
-    assert any("api's GC thresholds: timed out" in f["message"] for f in warns(report, "check_failed"))
+    assert report["verdict"] == "incomplete" and report["exit_code"] == 2
+    assert len(unchecked(report)) == 5
 
 
 def test_the_sampler_runs_as_a_stdin_script_with_the_standard_library_only(fake, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from edgefit import sampler
 from edgefit.facts import COMPOSE_PROJECT
 from tests.vm_deploy import DeployedStack, plan_for, run_deploy
 
@@ -46,6 +47,27 @@ def verify(stack: DeployedStack, tmp_path: Path, *args: str, inventory: Path | N
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
     document = json.loads(out.read_text()) if out.exists() else {}
     return done, document, elapsed
+
+
+def round_trip_s(host) -> float:
+    """The host's pace from here: the median of three `true` over a fresh SSH connection each."""
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        host.run("true")
+        times.append(time.monotonic() - started)
+    return sorted(times)[1]
+
+
+def assert_within_bounds(report: dict, round_trip: float) -> None:
+    """Bounds from the window and the host's measured pace, not fixed seconds (issue 14): the
+    sampler ends within its window plus the exec timeout it chose from its first docker call
+    (plus the join's slack); verify around it costs a few round trips (connect, read the plan of
+    record, send the sampler) and python's start on the host."""
+    sampler_bound = report["window_s"] + report["exec_timeout_s"] + sampler.JOIN_SLACK_S + 1
+    assert report["sampler_elapsed_s"] <= sampler_bound, (report["sampler_elapsed_s"], sampler_bound)
+    verify_bound = report["sampler_elapsed_s"] + 6 * round_trip + 5
+    assert report["elapsed_s"] <= verify_bound, (report["elapsed_s"], verify_bound)
 
 
 def host_report(document: dict, name: str) -> dict:
@@ -77,6 +99,7 @@ def mib_of(text: str) -> float:
 # ---- right after a deploy -------------------------------------------------------------------------
 
 def test_right_after_a_deploy_verify_exits_0_on_both_hosts_within_the_time_bound(deployed_stack, tmp_path):
+    round_trips = {name: round_trip_s(host) for name, host in deployed_stack.hosts.items()}
     done, document, elapsed = verify(deployed_stack, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[0] == "edgefit verify: OK: 2 hosts: 2 ok"
@@ -88,12 +111,15 @@ def test_right_after_a_deploy_verify_exits_0_on_both_hosts_within_the_time_bound
         assert all(r["state"] in ("ok", "cpu pinned") for r in report["rows"]), report["rows"]
         assert report["plan"]["total_mem_limit_mib"] == plan.total_mem_limit_mib
         assert all(r["actual_limit_mib"] == plan.services[r["service"]].mem_limit_mib for r in report["rows"])
-        print(f"[verify] {name}: {report['elapsed_s']:.1f}s for a {WINDOW}s window "
-              f"(sampler {report['sampler_elapsed_s']}s)")
-        # bounded: the window, the slowest docker call's timeout on a loaded emulated host, slack
-        assert report["elapsed_s"] < WINDOW + 20
-    print(f"[verify] both hosts in parallel: {elapsed:.1f}s")
-    assert elapsed < WINDOW + 25
+        print(f"[verify] {name}: {report['elapsed_s']:.1f}s for a {WINDOW}s window (sampler "
+              f"{report['sampler_elapsed_s']}s; first docker call {report['first_docker_call_s']}s, exec timeout "
+              f"{report['exec_timeout_s']}s; SSH round trip {round_trips[name]:.2f}s)")
+        assert_within_bounds(report, round_trips[name])
+    # Hosts are checked in parallel: both cost about what the slower one does, plus edgefit's
+    # own start (the inventory, pyinfra's imports) on this machine.
+    slowest = max(host_report(document, name)["elapsed_s"] for name in deployed_stack.hosts)
+    print(f"[verify] both hosts in parallel: {elapsed:.1f}s (slowest host {slowest:.1f}s)")
+    assert elapsed <= slowest + 10 + 2 * max(round_trips.values())
 
 
 def test_verify_figures_agree_with_docker_stats(deployed_stack, tmp_path):
@@ -207,11 +233,15 @@ def test_an_unreachable_host_exits_2_with_a_sentence_while_the_other_is_checked(
     inventory = tmp_path / "vagrant.py"
     inventory.write_text(f"small = [('edge-small', {data!r})]\n"
                          f"gone = [('gone', {{'ssh_hostname': '127.0.0.1', 'ssh_port': {port}}})]\n")
+    round_trip = round_trip_s(small)
     done, document, elapsed = verify(deployed_stack, tmp_path, "--since", RECENT, inventory=inventory, window=8)
     assert done.returncode == 2, done.stdout
     assert f"gone: could not check: gone is unreachable: Could not connect" in done.stdout
-    assert host_report(document, "edge-small")["verdict"] == "ok"
-    assert elapsed < 8 + 15
+    report = host_report(document, "edge-small")
+    assert report["verdict"] == "ok"
+    assert_within_bounds(report, round_trip)
+    # the unreachable host costs no wait of its own: the run is about the healthy host's time
+    assert elapsed <= report["elapsed_s"] + 10 + 2 * round_trip, (elapsed, report["elapsed_s"])
 
 
 # ---- the verify timer --------------------------------------------------------------------------------
@@ -229,8 +259,8 @@ def test_the_verify_timer_logs_a_verdict_on_the_host_and_goes_away_when_turned_o
     last = json.loads(host.run("cat /var/lib/edgefit/verify-last.json").stdout)
     # The OOM kill of the earlier test is older than the timer's 15-minute lookback only if the
     # tests ran slowly; either way the journal carries a verdict line and every service's figures.
-    assert re.search(r"^(OK|FAIL): .*\| MiB .*api=\d+/\d+", journal, re.M), journal
-    assert last["verdict"] in ("ok", "fail") and {r["service"] for r in last["rows"]} == set(plan_for(host).services)
+    assert re.search(r"^(OK|FAIL|COULD NOT CHECK \d+ things?): .*\| MiB .*api=\d+/\d+", journal, re.M), journal
+    assert last["verdict"] in ("ok", "fail", "incomplete") and {r["service"] for r in last["rows"]} == set(plan_for(host).services)
     assert not [f for f in failing(last) if f["kind"] not in ("oom", "restart")], failing(last)
     run = run_deploy(deployed_stack.inventory, "--limit", "edge-small", "--data", "edgefit_verify_timer=False")
     assert run.returncode == 0, run.output[-4000:]
