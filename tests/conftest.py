@@ -40,3 +40,33 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"CI=true: VM tests must not skip ({reason})"
+
+
+# ---- a busy machine on purpose (issue 14) -------------------------------------------------------
+# `--cpu-hog N` runs N busy processes beside the whole session, as another CPU-heavy job on the
+# same machine would: the proof that the suite (and the product's time bounds) hold on a slow
+# host. Each hog ends itself after --cpu-hog-max-s whatever happens; the session stops them by PID.
+HOG = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-hog", type=int, default=0, metavar="N",
+                     help="run N busy processes beside the tests (a loaded machine), stopped at the end")
+    parser.addoption("--cpu-hog-max-s", type=float, default=3 * 3600, metavar="S",
+                     help="each busy process ends itself after this many seconds (default 3 h)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_hog(request):
+    import subprocess  # noqa: PLC0415
+
+    count, max_s = request.config.getoption("--cpu-hog"), request.config.getoption("--cpu-hog-max-s")
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(max_s)], stdin=subprocess.DEVNULL)
+            for _ in range(max(0, count))]
+    if hogs:
+        print(f"\n[cpu-hog] {len(hogs)} busy process(es) beside the tests: pids {[h.pid for h in hogs]}, "
+              f"each ends by itself within {max_s:.0f}s", flush=True)
+    yield [h.pid for h in hogs]
+    for hog in hogs:
+        hog.kill()
+        hog.wait(timeout=10)
