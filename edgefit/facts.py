@@ -132,19 +132,15 @@ class HostState(FactBase):
             f"echo {SECTION}compose",
             # the plugin's presence, not `docker compose version`: that Go binary takes seconds to start
             f"for c in {words(COMPOSE_PLUGIN_PATHS)}; do test -x \"$c\" && {{ echo present; break; }}; done",
-            # docker calls take a second or more each on a small host: the image list runs beside
-            # the sampler, not after it, and is printed after it.
-            'images=$(mktemp); timeout 30 docker images --digests --format "{{.Repository}}:{{.Tag}} '
-            '{{.Repository}}@{{.Digest}}" >"$images" 2>/dev/null & images_pid=$!',
+            # The stack and the images present, from the Docker API's socket (the docker CLI, a Go
+            # binary, took seconds per call on a small host: most of a no-op deploy, issue 12).
             f"echo {SECTION}snapshot",
             "if command -v python3 >/dev/null && command -v docker >/dev/null; then "
-            "python3 - --window 0.1 --interval 0.1 --checks redis,postgres --exec-timeout 20 <<'EDGEFIT_SAMPLER_END'",
+            "python3 - --window 0.1 --interval 0.1 --checks redis,postgres --images --exec-timeout 20 "
+            "<<'EDGEFIT_SAMPLER_END'",
             sampler.rstrip("\n"),
             "EDGEFIT_SAMPLER_END",
             "fi",
-            'wait "$images_pid"',
-            f"echo {SECTION}images",
-            'cat "$images"; rm -f "$images"',
             "true",
         ])
 
@@ -172,9 +168,6 @@ class HostState(FactBase):
             parts = [part.strip() for part in line.split("|")] + ["", "", ""]
             units[parts[0]] = {"enabled": parts[1], "active": parts[2], "need_reload": parts[3] == "yes"}
         sysctl = parse_key_values(sections.get("sysctl", []))
-        images = set()
-        for line in sections.get("images", []):
-            images.update(word for word in line.split() if not word.endswith(("@<none>", ":<none>")))
         snapshot = None
         for line in reversed(sections.get("snapshot", [])):
             if line.startswith("{"):
@@ -184,8 +177,9 @@ class HostState(FactBase):
                     snapshot = None
                 break
         compose = (sections.get("compose") or [""])[0].strip() or None
+        images = sorted((snapshot or {}).get("images") or [])
         return {"files": files, "directories": directories, "units": units, "sysctl": sysctl,
-                "images": sorted(images), "compose_version": compose, "snapshot": snapshot,
+                "images": images, "compose_version": compose, "snapshot": snapshot,
                 "units_need_reload": sorted(name for name, unit in units.items() if unit["need_reload"])}
 
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 SCHEMA = 1
 PROJECT = "edgefit-dify"
@@ -226,54 +229,84 @@ def inspect_view(data: dict) -> dict:
 
 
 class Docker:
-    """The docker calls the sampler makes, each bounded by the exec timeout; never raises."""
+    """The docker calls the sampler makes, each bounded by the exec timeout; never raises.
+    Through the `docker` command (and the tests' fake of it); DockerSocket below asks the
+    daemon's API directly for all but exec."""
 
     def __init__(self, args, errors: list[str]):
         self.args = args
         self.argv = shlex.split(args.docker)
         self.errors = errors
-        self.status: dict = {}
+        self.status: dict = {"via": "cli"}
         self.exec_timeout = args.exec_timeout  # raised by list_containers() on a slow host
+        # id -> (address, port, password) of each Redis, for the checks; never printed or returned
+        self.redis_endpoints: dict[str, tuple[str, int, str]] = {}
+
+    def _ids(self) -> tuple[int | None, list[str], str]:
+        code, out, err = self.run("ps", "-aq", "--no-trunc", "--filter",
+                                  f"label=com.docker.compose.project={self.args.project}")
+        return code, out.split(), err
+
+    def _inspect_raw(self, ids: list[str]) -> list[dict]:
+        code, out, err = self.run("inspect", *ids)
+        try:
+            return json.loads(out) if out.strip() else []
+        except ValueError:
+            self.errors.append(f"docker inspect: {(err.strip().splitlines() or ['unreadable output'])[-1]}")
+            return []
+
+    def _events_raw(self, since: float, until: float) -> tuple[bool, list[str], str]:
+        code, out, err = self.run(
+            "events", "--since", str(int(since)), "--until", str(int(until) + 1),  # whole seconds: docker's format
+            "--filter", "type=container", "--filter", f"label=com.docker.compose.project={self.args.project}",
+            "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}",
+            extra_s=max(0.0, until - time.time()))  # it streams until --until: the window end
+        return code == 0, out.splitlines(), (err.strip().splitlines() or ["failed"])[-1]
 
     def run(self, *argv: str, extra_s: float = 0.0, timeout: float | None = None) -> tuple[int | None, str, str]:
         return run(self.argv + list(argv), timeout if timeout is not None else self.exec_timeout + extra_s)
 
     def list_containers(self) -> list[dict] | None:
         started = time.monotonic()
-        code, out, err = self.run("ps", "-aq", "--no-trunc", "--filter",
-                                         f"label=com.docker.compose.project={self.args.project}")
+        code, ids, err = self._ids()
         first_call_s = time.monotonic() - started
         self.exec_timeout = min(max(self.args.exec_timeout, SLOW_HOST_FACTOR * first_call_s),
                                 max(self.args.exec_timeout, MAX_EXEC_TIMEOUT))
-        self.status = {"first_call_s": round(first_call_s, 2), "exec_timeout_s": round(self.exec_timeout, 1)}
+        self.status.update(first_call_s=round(first_call_s, 2), exec_timeout_s=round(self.exec_timeout, 1))
         if code != 0:
             self.status.update(ok=False, error=(err.strip().splitlines() or ["no output"])[-1])
             return None
         self.status["ok"] = True
-        ids = out.split()
         return self.inspect(ids) if ids else []
 
     def inspect(self, ids: list[str]) -> list[dict]:
         if not ids:
             return []
-        code, out, err = self.run("inspect", *ids)
-        try:
-            return [inspect_view(item) for item in json.loads(out)] if out.strip() else []
-        except ValueError:
-            self.errors.append(f"docker inspect: {(err.strip().splitlines() or ['unreadable output'])[-1]}")
-            return []
+        views = []
+        for item in self._inspect_raw(ids):
+            view = inspect_view(item)
+            endpoint = redis_endpoint(item) if view["service"] in REDIS_SERVICES else None
+            if endpoint:
+                self.redis_endpoints[view["id"]] = endpoint
+            views.append(view)
+        return views
+
+    def images(self) -> list[str] | None:
+        """Every image present, as repository:tag and repository@digest (the deploy's check for
+        images to load); None when docker did not answer."""
+        code, out, err = self.run("images", "--digests", "--format", "{{.Repository}}:{{.Tag}} {{.Repository}}@{{.Digest}}")
+        if code != 0:
+            self.errors.append(f"docker images: {(err.strip().splitlines() or ['failed'])[-1]}")
+            return None
+        return sorted({word for word in out.split() if not word.endswith(("@<none>", ":<none>"))})
 
     def events(self, since: float, until: float) -> list[dict]:
-        code, out, err = self.run(
-            "events", "--since", str(int(since)), "--until", str(int(until) + 1),  # whole seconds: docker's format
-            "--filter", "type=container", "--filter", f"label=com.docker.compose.project={self.args.project}",
-            "--filter", "event=oom", "--filter", "event=die", "--format", "{{json .}}",
-            extra_s=max(0.0, until - time.time()))  # it streams until --until: the window end
-        if code != 0:
-            self.errors.append(f"docker events: {(err.strip().splitlines() or ['failed'])[-1]}")
+        ok, lines, error = self._events_raw(since, until)
+        if not ok:
+            self.errors.append(f"docker events: {error}")
             return []
         found = []
-        for line in out.splitlines():
+        for line in lines:
             try:
                 event = json.loads(line)
             except ValueError:
@@ -291,6 +324,148 @@ class Docker:
         return found
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class DockerSocket(Docker):
+    """ps, inspect and events straight from the daemon's API on its unix socket: the same JSON
+    the CLI prints, without starting the docker CLI (a Go binary that took 1-9 s per call on the
+    emulated test hosts: most of a no-op deploy's time, issue 12). exec stays with the CLI."""
+
+    def __init__(self, args, errors: list[str]):
+        super().__init__(args, errors)
+        self.status["via"] = "socket"
+
+    def _get(self, path: str, query: dict, timeout: float) -> tuple[int | None, bytes, str]:
+        connection = UnixHTTPConnection(self.args.docker_socket, timeout)
+        try:
+            connection.request("GET", f"{path}?{urllib.parse.urlencode(query)}")
+            response = connection.getresponse()
+            body = response.read()
+            return response.status, body, "" if response.status == 200 else body.decode(errors="replace")[:200]
+        except (OSError, http.client.HTTPException) as error:
+            return None, b"", (f"timed out after {round(timeout, 1):g}s" if isinstance(error, TimeoutError)
+                               else f"{self.args.docker_socket}: {error}")
+        finally:
+            connection.close()
+
+    def _filters(self, **more: list[str]) -> str:
+        return json.dumps({"label": [f"com.docker.compose.project={self.args.project}"], **more})
+
+    def _ids(self) -> tuple[int | None, list[str], str]:
+        status, body, error = self._get("/containers/json", {"all": "1", "filters": self._filters()},
+                                        self.exec_timeout)
+        if status != 200:
+            return 1, [], error or f"HTTP {status}"
+        try:
+            return 0, [item["Id"] for item in json.loads(body)], ""
+        except (ValueError, KeyError, TypeError):
+            return 1, [], "unreadable container list"
+
+    def _inspect_raw(self, ids: list[str]) -> list[dict]:
+        found = []
+        for container_id in ids:
+            status, body, error = self._get(f"/containers/{container_id}/json", {}, self.exec_timeout)
+            if status == 404:
+                continue  # removed since the list: as `docker inspect` leaves it out
+            try:
+                if status != 200:
+                    raise ValueError(error)
+                found.append(json.loads(body))
+            except ValueError:
+                self.errors.append(f"docker inspect {container_id[:12]}: {error or 'unreadable answer'}")
+        return found
+
+    def images(self) -> list[str] | None:
+        status, body, error = self._get("/images/json", {"digests": "1"}, self.exec_timeout)
+        try:
+            if status != 200:
+                raise ValueError(error or f"HTTP {status}")
+            items = json.loads(body)
+        except ValueError as problem:
+            self.errors.append(f"docker images: {problem}")
+            return None
+        names = set()
+        for item in items:
+            names.update(item.get("RepoTags") or [])
+            names.update(item.get("RepoDigests") or [])
+        return sorted(name for name in names if not name.endswith(("@<none>", ":<none>")))
+
+    def _events_raw(self, since: float, until: float) -> tuple[bool, list[str], str]:
+        query = {"since": str(int(since)), "until": str(int(until) + 1),
+                 "filters": self._filters(type=["container"], event=["oom", "die"])}
+        status, body, error = self._get("/events", query, self.exec_timeout + max(0.0, until - time.time()))
+        return status == 200, body.decode(errors="replace").splitlines(), error or f"HTTP {status}"
+
+
+REDIS_PORT = 6379
+
+
+def redis_endpoint(item: dict) -> tuple[str, int, str] | None:
+    """(address, port, password) to ask a Redis container directly: its address on its first
+    network and the REDISCLI_AUTH the stack gives it. Kept in memory for the check, never printed."""
+    env = dict(entry.split("=", 1) for entry in (item.get("Config") or {}).get("Env") or [] if "=" in entry)
+    networks = ((item.get("NetworkSettings") or {}).get("Networks") or {}).values()
+    address = next((network.get("IPAddress") for network in networks if network.get("IPAddress")), None)
+    return (address, REDIS_PORT, env["REDISCLI_AUTH"]) if address and env.get("REDISCLI_AUTH") else None
+
+
+def resp_command(*words: str) -> bytes:
+    return f"*{len(words)}\r\n".encode() + b"".join(
+        f"${len(word.encode())}\r\n".encode() + word.encode() + b"\r\n" for word in words)
+
+
+def resp_read(stream):
+    """One RESP2 reply from a file-like stream: str, int, None, or a list of them."""
+    line = stream.readline()
+    if not line.endswith(b"\r\n"):
+        raise ConnectionError("connection closed mid-reply")
+    kind, rest = line[:1], line[1:-2].decode(errors="replace")
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise ValueError(rest)
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = stream.read(size + 2)
+        return data[:-2].decode(errors="replace")
+    if kind == b"*":
+        size = int(rest)
+        return None if size < 0 else [resp_read(stream) for _ in range(size)]
+    raise ValueError(f"unexpected reply {line[:20]!r}")
+
+
+def redis_query(address: str, port: int, password: str, commands: list[tuple[str, ...]], timeout: float) -> list:
+    """AUTH, then each command, over one TCP connection: redis-cli's answers without a docker exec."""
+    with socket.create_connection((address, port), timeout=timeout) as connection:
+        connection.settimeout(timeout)
+        connection.sendall(resp_command("AUTH", password) + b"".join(resp_command(*c) for c in commands))
+        stream = connection.makefile("rb")
+        resp_read(stream)  # +OK, or raises with Redis's own words
+        return [resp_read(stream) for _ in commands]
+
+
+def redis_info(text: str) -> dict:
+    info = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and key in REDIS_INFO_KEYS:
+            info[key] = int(value) if value.isdigit() else value
+    return info
+
+
 class ServiceChecks:
     """Settings read inside the containers through docker exec: Redis, Postgres, GC thresholds."""
 
@@ -298,6 +473,9 @@ class ServiceChecks:
         self.docker = docker
 
     def redis_check(self, record: dict, with_config: bool, timeout: float | None = None) -> dict:
+        endpoint = self.docker.redis_endpoints.get(record["id"])
+        if endpoint:
+            return self.redis_direct(endpoint, with_config, timeout or self.docker.exec_timeout)
         script = ("redis-cli --no-auth-warning -h 127.0.0.1 CONFIG GET 'maxmemory*'; echo '@@INFO@@'; "
                   "redis-cli --no-auth-warning -h 127.0.0.1 INFO") if with_config else \
                  "echo '@@INFO@@'; redis-cli --no-auth-warning -h 127.0.0.1 INFO"
@@ -309,14 +487,24 @@ class ServiceChecks:
         if with_config:
             lines = [line.strip() for line in config_part.splitlines() if line.strip()]
             result["config"] = dict(zip(lines[0::2], lines[1::2]))
-        info = {}
-        for line in info_part.splitlines():
-            key, sep, value = line.strip().partition(":")
-            if sep and key in REDIS_INFO_KEYS:
-                info[key] = int(value) if value.isdigit() else value
-        result["info"] = info
-        if not info and with_config and not result["config"]:
+        result["info"] = redis_info(info_part)
+        if not result["info"] and with_config and not result["config"]:
             result["error"] = (out.strip().splitlines() or ["no answer"])[-1][:200]
+        return result
+
+    @staticmethod
+    def redis_direct(endpoint: tuple[str, int, str], with_config: bool, timeout: float) -> dict:
+        address, port, password = endpoint
+        commands = ([("CONFIG", "GET", "maxmemory*")] if with_config else []) + [("INFO",)]
+        try:
+            answers = redis_query(address, port, password, commands, timeout)
+        except (OSError, ValueError, ConnectionError) as error:
+            reason = f"timed out after {round(timeout, 1):g}s" if isinstance(error, TimeoutError) else str(error)
+            return {"error": f"redis at {address}: {reason}"[:200]}
+        result: dict = {"info": redis_info(answers[-1] or "")}
+        if with_config:
+            pairs = answers[0] or []
+            result["config"] = dict(zip(pairs[0::2], pairs[1::2]))
         return result
 
     def postgres_check(self, record: dict, timeout: float | None = None) -> dict:
@@ -347,7 +535,8 @@ class Sampler:
     def __init__(self, args):
         self.args = args
         self.errors: list[str] = []
-        self.docker = Docker(args, self.errors)
+        use_socket = bool(args.docker_socket) and os.access(args.docker_socket, os.R_OK | os.W_OK)
+        self.docker = (DockerSocket if use_socket else Docker)(args, self.errors)
         self.service_checks = ServiceChecks(self.docker)
         self.result: dict = {"schema": SCHEMA, "errors": self.errors}
         self.containers: dict[str, dict] = {}  # id -> record
@@ -501,6 +690,8 @@ class Sampler:
         })
         found = self.docker.list_containers()
         self.result["docker"] = self.docker.status
+        if args.images and found is not None:
+            self.result["images"] = self.docker.images()
         if found is None:  # docker does not answer: nothing to watch
             self.result.update({"containers": [], "checks": self.checks, "events": [], "files": {},
                                 "ended": time.time(), "elapsed_s": round(time.monotonic() - began, 2)})
@@ -580,9 +771,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stack-dir", default=STACK_DIR)
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup")
     parser.add_argument("--proc-root", default="/proc")
-    parser.add_argument("--docker", default="docker", help="the docker command (tests use a fake)")
+    parser.add_argument("--docker", default="docker", help="the docker command for exec, and for everything "
+                        "when the socket is not there (tests use a fake)")
+    parser.add_argument("--docker-socket", default="/var/run/docker.sock",
+                        help="the Docker API's unix socket, asked directly for ps, inspect and events; '' for none")
     parser.add_argument("--checks", type=lambda text: set(text.split(",")), default={"redis", "postgres", "gc", "events"},
                         help="which checks to run: redis,postgres,gc (docker exec) and events (default all)")
+    parser.add_argument("--images", action="store_true",
+                        help="also list the images present (repository:tag and repository@digest)")
     parser.add_argument("--exec-timeout", type=float, default=EXEC_TIMEOUT,
                         help=f"seconds one docker call may take at least (default {EXEC_TIMEOUT:g}; on a slow host "
                              f"{SLOW_HOST_FACTOR}x its first call, up to {MAX_EXEC_TIMEOUT:g})")

@@ -28,6 +28,10 @@ elif command == "exec":
         answer = answer.split("@@INFO@@", 1)[-1]
         answer = "@@INFO@@" + state.get("redis_info_end", {}).get(cid, answer)
     print(answer)
+elif command == "images":  # --digests --format "{{.Repository}}:{{.Tag}} {{.Repository}}@{{.Digest}}"
+    for image in state.get("images", []):
+        repository, _, tag = image["tag"].rpartition(":")
+        print(f"{repository}:{tag} {repository}@{image.get('digest') or '<none>'}")
 elif command == "events":
     for event in state.get("events", []):
         print(json.dumps(event))

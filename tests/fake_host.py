@@ -157,11 +157,14 @@ class FakeHost:
             counter.unlink()
 
     # -- running the sampler and the judgement
-    def sampler_args(self, window: float = 0.3, interval: float = 0.1, exec_timeout: float = 5.0) -> list[str]:
+    def sampler_args(self, window: float = 0.3, interval: float = 0.1, exec_timeout: float = 5.0,
+                     docker_socket: str = "") -> list[str]:
+        """docker_socket: a fake Docker API (tests/fake_docker_api.py) for ps/inspect/events;
+        by default the fake docker command answers everything."""
         args = ["--window", str(window), "--interval", str(interval), "--cgroup-root", str(self.cgroup),
                 "--proc-root", str(self.proc), "--stack-dir", self.root + judge.STACK_DIR,
                 "--docker", f"{sys.executable} {self.docker_path} {self.state_path}",
-                "--exec-timeout", str(exec_timeout)]
+                "--docker-socket", docker_socket, "--exec-timeout", str(exec_timeout)]
         for path in sorted(self.expected["files"]):
             args += ["--hash", path]
         return args

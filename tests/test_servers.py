@@ -510,3 +510,26 @@ def test_same_clients_straight_at_postgres_are_refused(pg_stack, record_property
     record_property("pgbench_direct_exit", result.returncode)
     assert result.returncode != 0, f"{clients} clients straight at Postgres were accepted:\n{output}"
     assert "sorry, too many clients already" in output, output
+
+
+def test_the_samplers_direct_redis_check_reads_what_redis_cli_would(redis_server):
+    """verify and the deploy ask Redis over TCP (edgefit/sampler.py redis_direct) instead of a
+    docker exec of redis-cli: the same settings, from the real server with its rendered file."""
+    from edgefit import judge, sampler
+
+    endpoint = ("127.0.0.1", redis_server.port, redis_server.client_password)
+    got = sampler.ServiceChecks.redis_direct(endpoint, True, 10.0)
+    planned = redis_server.planned
+    assert got["config"]["maxmemory"] == str(planned.maxmemory_mib * 1024 * 1024)
+    assert got["config"]["maxmemory-policy"] == planned.maxmemory_policy
+    assert got["info"]["maxmemory_policy"] == planned.maxmemory_policy and got["info"]["used_memory"] > 0
+    want = {"maxmemory_bytes": planned.maxmemory_mib * 1024 * 1024, "policy": planned.maxmemory_policy}
+    assert judge.redis_drift("redis", want, got["config"], got["info"]) == []
+    redis_server.authed().config_set("maxmemory", 0)  # a hand change: seen at once
+    try:
+        drifted = sampler.ServiceChecks.redis_direct(endpoint, True, 10.0)
+        assert [kind for kind, _ in judge.redis_drift("redis", want, drifted["config"], drifted["info"])]
+    finally:
+        redis_server.authed().config_set("maxmemory", planned.maxmemory_mib * 1024 * 1024)
+    wrong = sampler.ServiceChecks.redis_direct(("127.0.0.1", redis_server.port, "not-the-password"), True, 10.0)
+    assert "WRONGPASS" in wrong["error"] and "not-the-password" not in wrong["error"]

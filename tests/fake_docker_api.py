@@ -1,0 +1,71 @@
+"""A stand-in for the Docker daemon's API on a unix socket, for the sampler's socket transport:
+GET /containers/json, /containers/{id}/json and /events, answered from the same JSON state file
+tests/fake_docker.py reads (written by tests/fake_host.py). Counts the requests it served."""
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+
+class FakeDockerAPI:
+    def __init__(self, socket_path: Path, state_path: Path):
+        self.socket_path, self.state_path = socket_path, state_path
+        self.requests: list[str] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                url = urllib.parse.urlparse(self.path)
+                api.requests.append(url.path)
+                state = json.loads(api.state_path.read_text())
+                filters = json.loads(urllib.parse.parse_qs(url.query).get("filters", ["{}"])[0])
+                if state.get("docker_error"):
+                    return self.reply(500, {"message": state["docker_error"]})
+                if url.path == "/containers/json":
+                    wanted = set(filters.get("label", []))
+                    found = [{"Id": c["Id"]} for c in state["containers"]
+                             if wanted <= {f"{k}={v}" for k, v in (c["Config"].get("Labels") or {}).items()}]
+                    return self.reply(200, found)
+                if url.path.startswith("/containers/") and url.path.endswith("/json"):
+                    container_id = url.path.split("/")[2]
+                    inspects = sum(1 for p in api.requests if p == url.path)
+                    views = state["containers"] if inspects == 1 else state.get("containers_end", state["containers"])
+                    match = [c for c in views if c["Id"] == container_id]
+                    return self.reply(200, match[0]) if match else self.reply(404, {"message": "No such container"})
+                if url.path == "/images/json":
+                    return self.reply(200, [{"RepoTags": [image["tag"]],
+                                             "RepoDigests": [f"{image['tag'].rpartition(':')[0]}@{image['digest']}"]
+                                             if image.get("digest") else []} for image in state.get("images", [])])
+                if url.path == "/events":
+                    body = "".join(json.dumps(event) + "\n" for event in state.get("events", []))
+                    return self.reply(200, body)
+                return self.reply(404, {"message": "page not found"})
+
+            def reply(self, status: int, payload) -> None:
+                body = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        self.server = Server(str(socket_path), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeDockerAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
