@@ -51,6 +51,7 @@ PACKAGES = [
 PG_BIN = "/usr/lib/postgresql/15/bin"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STANDIN = "/opt/dify-standin/dify_standin.py"
+PRUNE_AFTER_S = 24 * 3600  # other recipes' tarballs and rootfs go once nobody built them for this long
 LAYER_EPOCH = 1_700_000_000  # fixed mtime of the archive's own members (not of rootfs files)
 SHARED_ENV = ["LANG=C.UTF-8", "EDGEFIT_TEST_IMAGE=1"]
 
@@ -375,14 +376,18 @@ def build_images(cache_dir: str | os.PathLike | None = None, say=print) -> Path:
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     layer.unlink()
     # Keep the prepared rootfs of the newest build (chroot checks in tests/test_images.py);
-    # older rootfs and tarballs of other recipes go.
+    # older rootfs and tarballs of other recipes go once stale.
     keep = root / f"rootfs-{key}"
     shutil.rmtree(keep, ignore_errors=True)
     rootfs.rename(keep)
     (work / "setup.log").rename(root / f"setup-{key}.log")
     shutil.rmtree(work, ignore_errors=True)
+    # Only what nobody built for a day: another checkout sharing this cache (a worktree, a
+    # second clone) may be deploying its own tarball right now.
+    stale_before = time.time() - PRUNE_AFTER_S
     for old in root.iterdir():
-        if old.name.startswith(("rootfs-", "edgefit-test-images-", "work-", "setup-")) and key not in old.name:
+        if old.name.startswith(("rootfs-", "edgefit-test-images-", "work-", "setup-")) and key not in old.name \
+                and old.stat().st_mtime < stale_before:
             if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
             else:
