@@ -147,18 +147,18 @@ def test_the_setup_page_needs_the_init_password(deployed_stack):
 
 SCAN = r"""
 import asyncio, json, sys
-ip, last, extra = sys.stdin.read().split()
+ip, last, extra, concurrency, timeout = sys.stdin.read().split()
 ports = sorted(set(range(1, int(last) + 1)) | {int(p) for p in extra.split(",")})
 async def probe(port, gate):
     async with gate:
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 1.5)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), float(timeout))
         except (OSError, asyncio.TimeoutError):
             return None
         writer.close()
         return port
 async def main():
-    gate = asyncio.Semaphore(400)
+    gate = asyncio.Semaphore(int(concurrency))
     found = await asyncio.gather(*(probe(p, gate) for p in ports))
     print(json.dumps(sorted(p for p in found if p)))
 asyncio.run(main())
@@ -168,13 +168,29 @@ asyncio.run(main())
 STACK_PORTS = "5432,6432,6379,5001,5002,3000,8194,3128,8080,6333,6334,2375,2376,5003,8000,9000,65535"
 
 
+# (concurrent probes, seconds each): the firewall drops, so every closed port costs a whole
+# timeout. On an emulated host under load the scanner itself can be too slow to see even an
+# open port's answer in time (CI once saw none at all): a scan counts only when it saw the
+# ports that must answer, and a slower, surer one follows when it did not.
+SCAN_ATTEMPTS = ((400, 1.5), (200, 3.0), (200, 5.0))  # at most ~38 s, ~150 s, ~250 s
+MUST_ANSWER = [22, 80, 443]
+
+
 @pytest.mark.parametrize("target, source", [("edge-small", "edge-medium"), ("edge-medium", "edge-small")])
 def test_from_the_next_host_only_22_80_and_443_answer(deployed_stack, target, source):
     target_host, source_host = deployed_stack.hosts[target], deployed_stack.hosts[source]
     assert target_host.run("nft list table inet edgefit >/dev/null && echo ok").stdout.strip() == "ok"
-    open_ports = json.loads(_python_on(source_host, SCAN, stdin=f"{_ip(target_host)} {SCAN_PORTS} {STACK_PORTS}\n",
-                                       timeout=600))
-    assert open_ports == [22, 80, 443], f"open on {target}: {open_ports}"
+    seen = []
+    for concurrency, timeout in SCAN_ATTEMPTS:
+        open_ports = json.loads(_python_on(
+            source_host, SCAN, stdin=f"{_ip(target_host)} {SCAN_PORTS} {STACK_PORTS} {concurrency} {timeout}\n",
+            timeout=900))
+        seen.append(open_ports)
+        print(f"[scan] {source} -> {target}, {concurrency} at once, {timeout}s each: open {open_ports}")
+        if set(MUST_ANSWER) <= set(open_ports):
+            break
+    assert set(MUST_ANSWER) <= set(seen[-1]), f"no scan of {target} saw 22, 80 and 443 answer: {seen}"
+    assert seen[-1] == MUST_ANSWER, f"open on {target}: {seen[-1]}"
 
 
 def test_the_plugin_daemon_holds_no_secret_key(deployed_stack):
