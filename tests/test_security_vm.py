@@ -203,3 +203,29 @@ def test_the_plugin_daemon_holds_no_secret_key(deployed_stack):
         assert "DB_PASSWORD" in env and "SERVER_KEY" in env
         return
     pytest.skip("no test host runs the plugin daemon")
+
+
+def test_a_dry_run_with_diff_and_full_verbosity_prints_no_secret(deployed_stack):
+    """Standards: never print a secret, `--dry --diff -vvv` included. A value changed on purpose
+    (the domain, which the .env and nginx's config carry) gives the dry run something to show."""
+    import subprocess
+
+    from tests.vm_deploy import PYINFRA, REPO
+
+    small = deployed_stack.hosts["edge-small"]
+    secrets = [line.partition("=")[2].strip() for line in small.run("cat /etc/edgefit/secrets.env").stdout.splitlines()
+               if "=" in line and not line.startswith("#")]
+    env_secrets = [line.partition("=")[2].strip().strip('"') for line in small.run("cat /opt/edgefit/.env").stdout.splitlines()
+                   if any(word in line.partition("=")[0] for word in ("PASSWORD", "SECRET", "KEY", "URL"))]
+    values = {value for value in secrets + env_secrets if len(value) >= 8}
+    assert len(values) >= len(secrets) > 3, "the test needs the host's secrets to look for"
+    before = small.run("sha256sum /opt/edgefit/.env /etc/edgefit/plan.json").stdout
+    done = subprocess.run([str(PYINFRA), "-y", "--dry", "--diff", "-vvv", str(deployed_stack.inventory), "deploy.py",
+                           "--limit", "edge-small", "--data", "edgefit_domain=dry-run.invalid"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "/opt/edgefit/.env" in output, "the dry run shows what would change"
+    shown = sorted(value[:4] + "..." for value in values if value in output)
+    assert not shown, f"secrets in the dry run's output (first characters): {shown}"
+    assert small.run("sha256sum /opt/edgefit/.env /etc/edgefit/plan.json").stdout == before, "a dry run changed files"
