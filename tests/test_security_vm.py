@@ -205,9 +205,10 @@ def test_the_plugin_daemon_holds_no_secret_key(deployed_stack):
     pytest.skip("no test host runs the plugin daemon")
 
 
-def test_a_dry_run_with_diff_and_full_verbosity_prints_no_secret(deployed_stack):
+def test_a_dry_run_with_diff_and_full_verbosity_and_verify_json_print_no_secret(deployed_stack, tmp_path):
     """Standards: never print a secret, `--dry --diff -vvv` included. A value changed on purpose
-    (the domain, which the .env and nginx's config carry) gives the dry run something to show."""
+    (the domain, which the .env and nginx's config carry) gives the dry run something to show.
+    verify's JSON too: its sampler reads Redis's password from the container to ask it directly."""
     import subprocess
 
     from tests.vm_deploy import PYINFRA, REPO
@@ -229,3 +230,11 @@ def test_a_dry_run_with_diff_and_full_verbosity_prints_no_secret(deployed_stack)
     shown = sorted(value[:4] + "..." for value in values if value in output)
     assert not shown, f"secrets in the dry run's output (first characters): {shown}"
     assert small.run("sha256sum /opt/edgefit/.env /etc/edgefit/plan.json").stdout == before, "a dry run changed files"
+    report = tmp_path / "verify.json"
+    done = subprocess.run([str(REPO / ".venv" / "bin" / "edgefit"), "verify", str(deployed_stack.inventory), "--limit",
+                           "edge-small", "--window", "5", "--json", str(report)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr + report.read_text()
+    assert '"redis_broker"' in output and '"config"' in output, "verify read Redis's settings (the password's use)"
+    shown = sorted(value[:4] + "..." for value in values if value in output)
+    assert not shown, f"secrets in verify's output or JSON (first characters): {shown}"
