@@ -39,6 +39,7 @@ EXEC_TIMEOUT = 8.0  # one docker exec/inspect at least; the run's end waits at m
 SLOW_HOST_FACTOR = 8
 MAX_EXEC_TIMEOUT = 45.0
 EXEC_LANES = 2  # docker exec checks at once: the small hosts have 2 cores
+EXEC_PACE_FACTOR = 2  # after an exec of d seconds, the next in its lane gets at least 2 d
 GC_SERVICES = ("api", "worker", "worker_beat")
 REDIS_SERVICES = ("redis", "redis_broker")
 POSTGRES_SERVICE = "db"
@@ -542,6 +543,7 @@ class Sampler:
         self.result: dict = {"schema": SCHEMA, "errors": self.errors}
         self.containers: dict[str, dict] = {}  # id -> record
         self.checks: dict = {"redis": {}, "postgres": None, "gc": {}}
+        self.check_deadline = 0.0  # monotonic; set by start_checks, moved by the host's pace
         self._end_views: list[dict] | None = None
         self._events: list[dict] | None = None
         self._psutil = None
@@ -605,13 +607,17 @@ class Sampler:
             "cpu_max": (read_text(os.path.join(directory, "cpu.max")) or "").strip() or None,
         }
 
-    def start_checks(self, deadline: float) -> list[threading.Thread]:
+    def start_checks(self, deadline: float, cap: float) -> list[threading.Thread]:
         """The checks, from the window's start until deadline (the window plus one exec timeout).
         Redis is asked directly (no exec) in a lane of its own; the docker exec checks share
         EXEC_LANES lanes, Postgres first: all at once they were a burst of runc starts that, on a
         2-core host, made every one of them late together (and the stack's own healthchecks with
         them); one at a time, four execs of ~5 s each did not fit a short window. In each lane a
-        check gets whatever time is left."""
+        check gets whatever time is left. An exec that answered after d seconds moves the deadline to at
+        least d x EXEC_PACE_FACTOR from its end (never past cap): the host showed its pace, and
+        the next exec gets the time that pace needs (the worker's GC check after a Postgres exec
+        of 10 s, right after a recreate on the slow host, once got 5.7 s and timed out)."""
+        self.check_deadline = deadline
         lanes: dict[str, list] = {}
         execs = 0
         by_kind = sorted(
@@ -635,8 +641,12 @@ class Sampler:
 
         def in_turn(jobs):
             for key, job in jobs:
-                left = deadline - time.monotonic()
+                started = time.monotonic()
+                left = self.check_deadline - started
                 value = job(left) if left >= 1.0 else {"error": "not run: no time left in the window"}
+                if left >= 1.0 and key[0] != "redis" and not (isinstance(value, dict) and value.get("error")):
+                    ended = time.monotonic()
+                    self.check_deadline = min(cap, max(self.check_deadline, ended + EXEC_PACE_FACTOR * (ended - started)))
                 self._keep(key, value)
         return [self._thread(("checks", None), lambda jobs=jobs: in_turn(jobs)) for jobs in lanes.values()]
 
@@ -716,7 +726,8 @@ class Sampler:
 
         self.take_sample(0.0)
         exec_timeout = self.docker.exec_timeout
-        threads = self.start_checks(began + args.window + exec_timeout)
+        cap = began + args.window + max(exec_timeout, MAX_EXEC_TIMEOUT)
+        threads = self.start_checks(began + args.window + exec_timeout, cap)
         samples = max(1, int(round(args.window / args.interval)))
         # docker calls are slow on a loaded host (seconds each under emulation), so the calls
         # about the window's end start shortly before it: `docker events --until` streams
@@ -752,10 +763,16 @@ class Sampler:
             record["cgroup_end"] = self.cgroup_snapshot(record)
         self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))
         self.result["files"] = {path: sha256_file(path) for path in args.hash}
-        deadline = time.monotonic() + exec_timeout + JOIN_SLACK_S
-        for thread in threads + end_threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if any(thread.is_alive() for thread in threads + end_threads):
+        end_deadline = time.monotonic() + exec_timeout
+        waiting = threads + end_threads
+        while any(thread.is_alive() for thread in waiting):
+            left = max(end_deadline, self.check_deadline) + JOIN_SLACK_S - time.monotonic()
+            if left <= 0:
+                break
+            next(thread for thread in waiting if thread.is_alive()).join(min(left, 0.5))
+        # what the checks were given in the end: the window plus this (the host's pace)
+        self.docker.status["exec_timeout_s"] = round(max(exec_timeout, self.check_deadline - began - args.window), 1)
+        if any(thread.is_alive() for thread in waiting):
             self.errors.append(f"some docker calls did not answer within {exec_timeout:g}s")
         ends = {view["id"]: view for view in self._end_views or []}
         for container_id, record in self.containers.items():

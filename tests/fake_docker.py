@@ -19,7 +19,7 @@ elif command == "inspect":
 elif command == "exec":
     cid, rest = args[1], args[2:]
     kind = {"sh": "redis", "psql": "psql", "python3": "python3"}[rest[0]]
-    time.sleep(state.get("exec_sleep", 0))
+    time.sleep(state.get("exec_sleep_kind", {}).get(kind, state.get("exec_sleep", 0)))
     answer = state["exec"].get(cid, {}).get(kind)
     if answer is None:
         print("OCI runtime exec failed: executable file not found", file=sys.stderr)

@@ -26,7 +26,7 @@ def container(service: str) -> str:
 
 def verify_small(stack: DeployedStack, tmp_path, since: str) -> tuple[int, dict]:
     out = tmp_path / f"verify-{time.monotonic_ns()}.json"
-    done = subprocess.run([EDGEFIT, "verify", str(stack.inventory), "--limit", "edge-small", "--window", "8",
+    done = subprocess.run([EDGEFIT, "verify", str(stack.inventory), "--limit", "edge-small", "--window", "12",
                            "--since", since, "--json", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=180)
     print(done.stdout)

@@ -373,11 +373,11 @@ def test_docker_not_answering_is_an_error_and_the_sampler_returns_at_once(fake):
 def test_the_sampler_stays_bounded_when_docker_exec_hangs(fake):
     fake.state["exec_sleep"] = 20
     started = time.monotonic()
-    samples = fake.sample(window=0.5, interval=0.25, exec_timeout=1.0)
+    samples = fake.sample(window=0.5, interval=0.25, exec_timeout=3.0)
     elapsed = time.monotonic() - started
-    # 1 s, or more where this machine's load made the first docker call slow (the host's pace)
+    # 3 s, or more where this machine's load made the first docker call slow (the host's pace)
     exec_timeout, first_call = samples["docker"]["exec_timeout_s"], samples["docker"]["first_call_s"]
-    assert exec_timeout == round(max(1.0, min(sampler.SLOW_HOST_FACTOR * first_call, sampler.MAX_EXEC_TIMEOUT)), 1)
+    assert exec_timeout == round(max(3.0, min(sampler.SLOW_HOST_FACTOR * first_call, sampler.MAX_EXEC_TIMEOUT)), 1)
     assert elapsed < 0.5 + exec_timeout + sampler.JOIN_SLACK_S + 2 * first_call + 1.0, elapsed
     # The checks run in lanes (Redis; two for docker exec, Postgres first) from the window's start
     # until the window plus one exec timeout: in each lane the first that hangs uses all of it,
@@ -533,3 +533,14 @@ def test_the_deploys_image_list_is_the_same_through_the_socket_and_the_cli(fake,
     # and HostState hands them to converge from the snapshot section
     facts = HostState().process([f"{SECTION}snapshot", json.dumps(through_socket)])
     assert facts["images"] == want and facts["snapshot"]["docker"]["via"] == "socket"
+
+
+def test_a_slow_exec_that_answers_gives_the_next_one_in_its_lane_the_time_its_pace_needs(fake):
+    # Postgres answers after 4 s of a 0.3 s window + 5 s exec timeout: without the host's pace
+    # the worker's GC check after it (same lane) would get well under a second and not run.
+    fake.state["exec_sleep_kind"] = {"psql": 4.0}
+    samples = fake.sample(window=0.3, interval=0.1, exec_timeout=5.0)
+    assert "settings" in samples["checks"]["postgres"], samples["checks"]["postgres"]
+    assert "threshold" in samples["checks"]["gc"]["worker"], samples["checks"]["gc"]
+    assert samples["docker"]["exec_timeout_s"] > 5.0
+    assert judge.evaluate(samples, fake.expected)["verdict"] == "ok"

@@ -123,7 +123,7 @@ def test_right_after_a_deploy_verify_exits_0_on_both_hosts_within_the_time_bound
 
 
 def test_verify_figures_agree_with_docker_stats(deployed_stack, tmp_path):
-    done, document, _ = verify(deployed_stack, tmp_path, window=6)
+    done, document, _ = verify(deployed_stack, tmp_path, window=12)
     assert done.returncode == 0, done.stdout
     for name, host in deployed_stack.hosts.items():
         stats = host.run("docker stats --no-stream --format '{{.Name}} {{.MemUsage}}'").stdout
@@ -172,7 +172,7 @@ def test_a_memory_limit_changed_by_hand_fails_as_drift(deployed_stack, tmp_path)
         assert f"memory limit is 8192 MiB, the plan says {limit} MiB" in drift[0]["message"]
     finally:
         host.run(f"docker update --memory {limit}m --memory-swap {limit}m {container('worker')}")
-    done, _, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=5)
+    done, _, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=12)
     assert done.returncode == 0, done.stdout
 
 
@@ -181,7 +181,7 @@ def test_a_redis_maxmemory_changed_by_hand_fails_as_drift(deployed_stack, tmp_pa
     planned = plan_for(host).redis.maxmemory_mib
     host.run(f"docker exec {container('redis')} redis-cli -h 127.0.0.1 CONFIG SET maxmemory 0")
     try:
-        done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=8)
+        done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=12)
         assert done.returncode == 1, done.stdout
         drift = [f for f in failing(host_report(document, "edge-small")) if f["kind"] == "redis_drift"]
         assert [f["message"] for f in drift] == [f"redis maxmemory is 0 (unbounded), the plan says {planned} MiB"]
@@ -200,7 +200,7 @@ def test_a_host_changed_since_the_deploy_passes_against_its_plan_of_record_with_
     record["expect"]["reported_host"]["memory_mib"] = now + 10  # as if the deploy had seen 10 MiB more
     host.run(f"cat > {record_path}", input=json.dumps(record))
     try:
-        done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=6)
+        done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=12)
         assert done.returncode == 0, done.stdout
         changed = [f for f in host_report(document, "edge-small")["findings"] if f["kind"] == "host_changed"]
         assert changed and f"memory {now + 10} -> {now} MiB" in changed[0]["message"], done.stdout
@@ -212,7 +212,7 @@ def test_a_hand_edited_data_disk_drop_in_fails_as_drift_and_a_deploy_restores_it
     host = deployed_stack.hosts["edge-small"]
     drop_in = "/etc/systemd/system/docker.service.d/edgefit-data-disk.conf"
     host.run(f"sed -i 's/^RequiresMountsFor/#RequiresMountsFor/' {drop_in}")
-    done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=5)
+    done, document, _ = verify(deployed_stack, tmp_path, "--limit", "edge-small", "--since", RECENT, window=12)
     assert done.returncode == 1, done.stdout
     drift = [f for f in failing(host_report(document, "edge-small")) if f["kind"] == "config_drift"]
     assert [f["message"].split()[0] for f in drift] == [drop_in], drift
@@ -234,7 +234,7 @@ def test_an_unreachable_host_exits_2_with_a_sentence_while_the_other_is_checked(
     inventory.write_text(f"small = [('edge-small', {data!r})]\n"
                          f"gone = [('gone', {{'ssh_hostname': '127.0.0.1', 'ssh_port': {port}}})]\n")
     round_trip = round_trip_s(small)
-    done, document, elapsed = verify(deployed_stack, tmp_path, "--since", RECENT, inventory=inventory, window=8)
+    done, document, elapsed = verify(deployed_stack, tmp_path, "--since", RECENT, inventory=inventory, window=12)
     assert done.returncode == 2, done.stdout
     assert f"gone: could not check: gone is unreachable: Could not connect" in done.stdout
     report = host_report(document, "edge-small")
