@@ -39,6 +39,7 @@ EXEC_TIMEOUT = 8.0  # one docker exec/inspect at least; the run's end waits at m
 SLOW_HOST_FACTOR = 8
 MAX_EXEC_TIMEOUT = 45.0
 EXEC_LANES = 2  # docker exec checks at once: the small hosts have 2 cores
+INSPECT_RETRY_S = 20.0  # a second try at one container's inspect that timed out
 EXEC_PACE_FACTOR = 2  # after an exec of d seconds, the next in its lane gets at least 2 d
 GC_SERVICES = ("api", "worker", "worker_beat")
 REDIS_SERVICES = ("redis", "redis_broker")
@@ -64,7 +65,7 @@ END_CALLS_LEAD_S = 5.0  # seconds before the window ends that its end-of-window 
 def run_bound(window: float) -> float:
     """The longest one sampler run may take: the window, then the longest exec timeout it may
     choose on a slow host, then the join's slack (the callers add their own start-up slack)."""
-    return window + MAX_EXEC_TIMEOUT + JOIN_SLACK_S
+    return window + MAX_EXEC_TIMEOUT + JOIN_SLACK_S + 2 * INSPECT_RETRY_S  # a retry at the start and at the end
 
 
 def run(argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str, str]:
@@ -376,6 +377,10 @@ class DockerSocket(Docker):
         found = []
         for container_id in ids:
             status, body, error = self._get(f"/containers/{container_id}/json", {}, self.exec_timeout)
+            if status is None and error.startswith("timed out"):
+                # dockerd holds a container it is restarting (after an OOM kill, seconds on a slow
+                # host): once more, longer, rather than judge a running service missing
+                status, body, error = self._get(f"/containers/{container_id}/json", {}, INSPECT_RETRY_S)
             if status == 404:
                 continue  # removed since the list: as `docker inspect` leaves it out
             try:

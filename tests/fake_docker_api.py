@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socketserver
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -36,6 +37,8 @@ class FakeDockerAPI:
                 if url.path.startswith("/containers/") and url.path.endswith("/json"):
                     container_id = url.path.split("/")[2]
                     inspects = sum(1 for p in api.requests if p == url.path)
+                    if inspects == 1 and container_id in state.get("inspect_first_delay", {}):
+                        time.sleep(state["inspect_first_delay"][container_id])  # busy: restarting
                     views = state["containers"] if inspects == 1 else state.get("containers_end", state["containers"])
                     match = [c for c in views if c["Id"] == container_id]
                     return self.reply(200, match[0]) if match else self.reply(404, {"message": "No such container"})

@@ -544,3 +544,17 @@ def test_a_slow_exec_that_answers_gives_the_next_one_in_its_lane_the_time_its_pa
     assert "threshold" in samples["checks"]["gc"]["worker"], samples["checks"]["gc"]
     assert samples["docker"]["exec_timeout_s"] > 5.0
     assert judge.evaluate(samples, fake.expected)["verdict"] == "ok"
+
+
+def test_a_container_dockerd_holds_too_long_is_inspected_again_not_judged_missing(fake, tmp_path):
+    from tests.fake_docker_api import FakeDockerAPI
+
+    api_id = fake.container("api")["Id"]
+    fake.state["inspect_first_delay"] = {api_id: 2.0}  # longer than the 1 s exec timeout below
+    fake.save()
+    with FakeDockerAPI(tmp_path / "docker.sock", fake.state_path):
+        samples = sampler.Sampler(sampler.parse_args(
+            fake.sampler_args(docker_socket=str(tmp_path / "docker.sock"), exec_timeout=1.0))).main()
+    report = judge.evaluate(samples, fake.expected)
+    assert row(report, "api")["state"] == "ok", row(report, "api")  # judged, with its figures
+    assert not [f for f in report["findings"] if f["severity"] == "fail"], report["summary"]
