@@ -28,7 +28,7 @@ def verify_small(stack: DeployedStack, tmp_path, since: str) -> tuple[int, dict]
     out = tmp_path / f"verify-{time.monotonic_ns()}.json"
     done = subprocess.run([EDGEFIT, "verify", str(stack.inventory), "--limit", "edge-small", "--window", "12",
                            "--since", since, "--json", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=240)
     print(done.stdout)
     document = json.loads(out.read_text())
     return done.returncode, document["hosts"][0]

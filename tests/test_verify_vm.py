@@ -41,7 +41,7 @@ def verify(stack: DeployedStack, tmp_path: Path, *args: str, inventory: Path | N
     started = time.monotonic()
     done = subprocess.run([str(EDGEFIT), "verify", str(inventory or stack.inventory), "--window", str(window),
                            "--json", str(out), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=window + 120)
+                          timeout=window + 200)
     elapsed = time.monotonic() - started
     print(done.stdout)
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
