@@ -68,6 +68,16 @@ def run_bound(window: float) -> float:
     return window + MAX_EXEC_TIMEOUT + JOIN_SLACK_S + 2 * INSPECT_RETRY_S  # a retry at the start and at the end
 
 
+def timed_out(timeout: float) -> str:
+    """The one wording of a call that ran out of time (verify's tests and reports read it)."""
+    return f"timed out after {round(timeout, 1):g}s"
+
+
+def image_names(names) -> list[str]:
+    """repository:tag and repository@digest names, without docker's "<none>" placeholders."""
+    return sorted({name for name in names if not name.endswith(("@<none>", ":<none>"))})
+
+
 def run(argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str, str]:
     """(exit code or None when it could not run / timed out, stdout, stderr)."""
     try:
@@ -76,7 +86,7 @@ def run(argv: list[str], timeout: float = EXEC_TIMEOUT) -> tuple[int | None, str
     except FileNotFoundError:
         return None, "", f"{argv[0]}: not found"
     except subprocess.TimeoutExpired:
-        return None, "", f"timed out after {round(timeout, 1):g}s"
+        return None, "", timed_out(timeout)
     except OSError as error:
         return None, "", str(error)
     return done.returncode, done.stdout, done.stderr
@@ -301,7 +311,7 @@ class Docker:
         if code != 0:
             self.errors.append(f"docker images: {(err.strip().splitlines() or ['failed'])[-1]}")
             return None
-        return sorted({word for word in out.split() if not word.endswith(("@<none>", ":<none>"))})
+        return image_names(out.split())
 
     def events(self, since: float, until: float) -> list[dict]:
         ok, lines, error = self._events_raw(since, until)
@@ -355,7 +365,7 @@ class DockerSocket(Docker):
             body = response.read()
             return response.status, body, "" if response.status == 200 else body.decode(errors="replace")[:200]
         except (OSError, http.client.HTTPException) as error:
-            return None, b"", (f"timed out after {round(timeout, 1):g}s" if isinstance(error, TimeoutError)
+            return None, b"", (timed_out(timeout) if isinstance(error, TimeoutError)
                                else f"{self.args.docker_socket}: {error}")
         finally:
             connection.close()
@@ -404,7 +414,7 @@ class DockerSocket(Docker):
         for item in items:
             names.update(item.get("RepoTags") or [])
             names.update(item.get("RepoDigests") or [])
-        return sorted(name for name in names if not name.endswith(("@<none>", ":<none>")))
+        return image_names(names)
 
     def _events_raw(self, since: float, until: float) -> tuple[bool, list[str], str]:
         query = {"since": str(int(since)), "until": str(int(until) + 1),
@@ -506,7 +516,7 @@ class ServiceChecks:
         try:
             answers = redis_query(address, port, password, commands, timeout)
         except (OSError, ValueError, ConnectionError) as error:
-            reason = f"timed out after {round(timeout, 1):g}s" if isinstance(error, TimeoutError) else str(error)
+            reason = timed_out(timeout) if isinstance(error, TimeoutError) else str(error)
             return {"error": f"redis at {address}: {reason}"[:200]}
         result: dict = {"info": redis_info(answers[-1] or "")}
         if with_config:
