@@ -7,7 +7,6 @@ state directory so that `down` in another process stops exactly them.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +48,18 @@ def daemons_running() -> dict[str, int]:
             if pid_alive(pid) and process_name(pid) == name}
 
 
-def foreign_libvirtd() -> bool:
-    """A libvirtd that is not ours already owns the machine-wide socket."""
+def foreign_libvirtd_pids() -> list[int]:
+    """Live libvirtd processes that are not ours (one would own the machine-wide socket).
+    A zombie is not one: our last libvirtd stays a zombie until its reaper collects it, and CI
+    once failed every later VM test because start() ran in that moment, right after stop()."""
     ours = _recorded_pids().get("libvirtd")
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and process_name(int(entry.name)) == "libvirtd" and int(entry.name) != ours:
-            return True
-    return False
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and int(entry.name) != ours
+            and process_name(int(entry.name)) == "libvirtd" and pid_alive(int(entry.name))]
+
+
+def foreign_libvirtd() -> bool:
+    return bool(foreign_libvirtd_pids())
 
 
 def start() -> None:
@@ -109,12 +113,22 @@ def volumes() -> list[str]:
     return [line.split()[0] for line in virsh("vol-list", config.POOL_NAME).splitlines() if line.strip()]
 
 
+def _wait_reaped(pid: int, name: str) -> None:
+    """Its reaper collects it a moment after it exits; until then /proc still lists it (a zombie)."""
+    try:
+        wait_until(f"{name} (pid {pid}) to be reaped", lambda: not Path(f"/proc/{pid}").exists(),
+                   timeout=10, interval=0.1)
+    except TimeoutError:
+        say(f"{name} (pid {pid}) exited but is not reaped yet; going on (start() ignores zombies)")
+
+
 def stop() -> None:
     """Stops the daemons we started (by PID) and removes the namespace. Safe to call twice."""
     pids = _recorded_pids()
     for name in reversed(DAEMONS):
         if name in pids:
             stop_pid(pids[name], name=name, comm=name)
+            _wait_reaped(pids[name], name)
             say(f"stopped {name} (pid {pids[name]})")
     _pids_file().unlink(missing_ok=True)
     if netns_exists():
