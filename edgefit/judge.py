@@ -26,7 +26,7 @@ PSI_FULL_AVG10 = 5.0  # % of time every task stalled on memory
 PSI_SOME_AVG60 = 20.0
 BROKER_FULL, BROKER_NEAR = 0.95, 0.80  # used_memory / maxmemory of a noeviction Redis
 STATE_ORDER = ["missing", "exited", "restarting", "OOM-killed", "no limit", "over budget", "unhealthy",
-               "limit drift", "restarted", "near limit", "cpu pinned", "starting", "not in plan", "ok"]
+               "limit drift", "restarted", "near limit", "cpu pinned", "starting", "not in plan", "not checked", "ok"]
 PLANNED_RECYCLING = ("worker",)  # services that end themselves on purpose, with exit code 0
 STACK_DIR = "/opt/edgefit"  # where the deploy puts docker-compose.yml (edgefit/render.py)
 
@@ -157,9 +157,16 @@ def evaluate(samples: dict, expected: dict, *, host: str = "", strict: bool = Fa
     events = samples.get("events") or []
     judged_window = Window(window, events, events_since, lookback_text, swap_total_kib)
     rows = []
-    for service in list(planned) + sorted(set(by_service) - set(planned)):
+    uninspected = samples.get("uninspected") or {}
+    for service in list(planned) + sorted((set(by_service) | set(uninspected)) - set(planned)):
         plan_service = planned.get(service)
         records = by_service.get(service, [])
+        if not records and service in uninspected:  # listed, but dockerd did not describe it in time
+            findings.add("unchecked", "check_failed", f"could not read {service}'s container: {uninspected[service]}",
+                         service)
+            rows.append({"service": service, "container": None, "limit_mib": (plan_service or {}).get("mem_limit_mib"),
+                         "states": ["not checked"], "state": "not checked"})
+            continue
         if not records:
             findings.add("fail", "missing", f"{service} is not running: no container exists", service)
             rows.append({"service": service, "container": None, "limit_mib": plan_service["mem_limit_mib"],

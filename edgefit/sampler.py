@@ -254,19 +254,32 @@ class Docker:
         self.exec_timeout = args.exec_timeout  # raised by list_containers() on a slow host
         # id -> (address, port, password) of each Redis, for the checks; never printed or returned
         self.redis_endpoints: dict[str, tuple[str, int, str]] = {}
+        self.listed: dict[str, str] = {}  # id -> compose service, from the container list
+        # service -> why its container, listed at the start, could not be inspected: judged
+        # "not checked", never "missing" (it exists; dockerd was busy with it)
+        self.uninspected: dict[str, str] = {}
 
     def _ids(self) -> tuple[int | None, list[str], str]:
-        code, out, err = self.run("ps", "-aq", "--no-trunc", "--filter",
-                                  f"label=com.docker.compose.project={self.args.project}")
-        return code, out.split(), err
+        code, out, err = self.run("ps", "-a", "--no-trunc", "--filter",
+                                  f"label=com.docker.compose.project={self.args.project}",
+                                  "--format", '{{.ID}} {{.Label "com.docker.compose.service"}}')
+        for line in out.splitlines():
+            container_id, _, service = line.strip().partition(" ")
+            if container_id:
+                self.listed[container_id] = service
+        return code, list(self.listed), err
 
-    def _inspect_raw(self, ids: list[str]) -> list[dict]:
+    def _inspect_raw(self, ids: list[str], failures: dict[str, str]) -> list[dict]:
         code, out, err = self.run("inspect", *ids)
         try:
-            return json.loads(out) if out.strip() else []
+            found = json.loads(out) if out.strip() else []
         except ValueError:
-            self.errors.append(f"docker inspect: {(err.strip().splitlines() or ['unreadable output'])[-1]}")
+            found = None
+        if found is None or (code != 0 and not found):  # one call for all: none of them was read
+            why = (err.strip().splitlines() or ["unreadable output"])[-1]
+            failures.update({container_id: why for container_id in ids if "No such" not in why})
             return []
+        return found
 
     def _events_raw(self, since: float, until: float) -> tuple[bool, list[str], str]:
         code, out, err = self.run(
@@ -290,13 +303,23 @@ class Docker:
             self.status.update(ok=False, error=(err.strip().splitlines() or ["no output"])[-1])
             return None
         self.status["ok"] = True
-        return self.inspect(ids) if ids else []
+        failures: dict[str, str] = {}
+        views = self.inspect(ids, failures) if ids else []
+        self.uninspected = {self.listed.get(container_id) or container_id[:12]: why
+                            for container_id, why in failures.items()}
+        return views
 
-    def inspect(self, ids: list[str]) -> list[dict]:
+    def inspect(self, ids: list[str], failures: dict[str, str] | None = None) -> list[dict]:
+        """Views of the containers that answered; the others' errors go to failures (id -> why),
+        or to the run's errors when no dict is given."""
         if not ids:
             return []
         views = []
-        for item in self._inspect_raw(ids):
+        failed: dict[str, str] = {} if failures is None else failures
+        raw = self._inspect_raw(ids, failed)
+        if failures is None:
+            self.errors.extend(f"docker inspect {container_id[:12]}: {why}" for container_id, why in failed.items())
+        for item in raw:
             view = inspect_view(item)
             endpoint = redis_endpoint(item) if view["service"] in REDIS_SERVICES else None
             if endpoint:
@@ -379,11 +402,13 @@ class DockerSocket(Docker):
         if status != 200:
             return 1, [], error or f"HTTP {status}"
         try:
-            return 0, [item["Id"] for item in json.loads(body)], ""
-        except (ValueError, KeyError, TypeError):
+            self.listed = {item["Id"]: (item.get("Labels") or {}).get("com.docker.compose.service") or ""
+                           for item in json.loads(body)}
+            return 0, list(self.listed), ""
+        except (ValueError, KeyError, TypeError, AttributeError):
             return 1, [], "unreadable container list"
 
-    def _inspect_raw(self, ids: list[str]) -> list[dict]:
+    def _inspect_raw(self, ids: list[str], failures: dict[str, str]) -> list[dict]:
         found = []
         for container_id in ids:
             status, body, error = self._get(f"/containers/{container_id}/json", {}, self.exec_timeout)
@@ -398,7 +423,7 @@ class DockerSocket(Docker):
                     raise ValueError(error)
                 found.append(json.loads(body))
             except ValueError:
-                self.errors.append(f"docker inspect {container_id[:12]}: {error or 'unreadable answer'}")
+                failures[container_id] = error or "unreadable answer"
         return found
 
     def images(self) -> list[str] | None:
@@ -724,6 +749,7 @@ class Sampler:
         })
         found = self.docker.list_containers()
         self.result["docker"] = self.docker.status
+        self.result["uninspected"] = self.docker.uninspected
         if args.images and found is not None:
             self.result["images"] = self.docker.images()
         if found is None:  # docker does not answer: nothing to watch

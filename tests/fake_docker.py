@@ -8,12 +8,16 @@ if state.get("docker_error"):
     print(state["docker_error"], file=sys.stderr)
     sys.exit(1)
 command = args[0]
-if command == "ps":
-    print("\n".join(c["Id"] for c in state["containers"]))
+if command == "ps":  # --format '{{.ID}} {{.Label "com.docker.compose.service"}}'
+    print("\n".join(f'{c["Id"]} {(c["Config"].get("Labels") or {}).get("com.docker.compose.service", "")}'
+                    for c in state["containers"]))
 elif command == "inspect":
     counter = state_path + ".inspects"
     n = int(open(counter).read()) if os.path.exists(counter) else 0
     open(counter, "w").write(str(n + 1))
+    if n == 0 and state.get("inspect_first_error"):  # dockerd busy: the CLI gives up on all of them
+        print(state["inspect_first_error"], file=sys.stderr)
+        sys.exit(1)
     views = state["containers"] if n == 0 else state.get("containers_end", state["containers"])
     print(json.dumps([c for c in views if c["Id"] in args[1:]]))
 elif command == "exec":

@@ -31,13 +31,14 @@ class FakeDockerAPI:
                     return self.reply(500, {"message": state["docker_error"]})
                 if url.path == "/containers/json":
                     wanted = set(filters.get("label", []))
-                    found = [{"Id": c["Id"]} for c in state["containers"]
+                    found = [{"Id": c["Id"], "Labels": c["Config"].get("Labels") or {}} for c in state["containers"]
                              if wanted <= {f"{k}={v}" for k, v in (c["Config"].get("Labels") or {}).items()}]
                     return self.reply(200, found)
                 if url.path.startswith("/containers/") and url.path.endswith("/json"):
                     container_id = url.path.split("/")[2]
                     inspects = sum(1 for p in api.requests if p == url.path)
-                    if inspects == 1 and container_id in state.get("inspect_first_delay", {}):
+                    if inspects <= state.get("inspect_delayed_times", 1) and \
+                            container_id in state.get("inspect_first_delay", {}):
                         time.sleep(state["inspect_first_delay"][container_id])  # busy: restarting
                     views = state["containers"] if inspects == 1 else state.get("containers_end", state["containers"])
                     match = [c for c in views if c["Id"] == container_id]
@@ -53,11 +54,14 @@ class FakeDockerAPI:
 
             def reply(self, status: int, payload) -> None:
                 body = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except BrokenPipeError:
+                    pass  # the sampler gave up waiting (a delayed inspect): as dockerd, answer no one
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True

@@ -558,3 +558,31 @@ def test_a_container_dockerd_holds_too_long_is_inspected_again_not_judged_missin
     report = judge.evaluate(samples, fake.expected)
     assert row(report, "api")["state"] == "ok", row(report, "api")  # judged, with its figures
     assert not [f for f in report["findings"] if f["severity"] == "fail"], report["summary"]
+
+
+def test_a_container_still_unreadable_after_the_retry_is_not_checked_never_missing(fake, tmp_path, monkeypatch):
+    from tests.fake_docker_api import FakeDockerAPI
+
+    monkeypatch.setattr(sampler, "INSPECT_RETRY_S", 0.5)
+    api_id = fake.container("api")["Id"]
+    fake.state["inspect_first_delay"] = {api_id: 3.0}
+    fake.state["inspect_delayed_times"] = 2  # the first try and the retry both time out
+    fake.save()
+    with FakeDockerAPI(tmp_path / "docker.sock", fake.state_path):
+        samples = sampler.Sampler(sampler.parse_args(
+            fake.sampler_args(docker_socket=str(tmp_path / "docker.sock"), exec_timeout=1.0))).main()
+    assert list(samples["uninspected"]) == ["api"] and "timed out" in samples["uninspected"]["api"]
+    report = judge.evaluate(samples, fake.expected)
+    assert not fails(report, "missing"), report["summary"]
+    assert row(report, "api")["state"] == "not checked"
+    assert report["verdict"] == "incomplete" and report["exit_code"] == judge.EXIT_ERROR
+    assert "could not read api's container" in report["summary"]
+
+
+def test_an_inspect_through_the_cli_that_fails_leaves_every_listed_service_not_checked(fake):
+    fake.state["inspect_first_error"] = "error during connect: context deadline exceeded"
+    samples = fake.sample()
+    assert set(samples["uninspected"]) == set(fake.expected["services"])
+    report = judge.evaluate(samples, fake.expected)
+    assert not fails(report, "missing") and report["verdict"] == "incomplete"
+    assert {r["state"] for r in report["rows"]} == {"not checked"}
