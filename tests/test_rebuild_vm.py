@@ -79,22 +79,6 @@ def test_rebuild_of_a_non_staging_host_is_refused_and_touches_nothing(deployed_s
     assert not (tmp_path / "backups").exists()
 
 
-def test_data_survives_a_rebuild_of_a_staging_host(deployed_stack: DeployedStack, tmp_path):
-    host = deployed_stack.hosts["edge-small"]
-    mark = f"rebuilt{int(time.time())}"
-    write_marks(host, mark)
-    result = edgefit("rebuild", str(staging_inventory(tmp_path, host)), "--yes", "--to", str(tmp_path / "backups"))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "verify exit 0" in result.stdout
-    assert marks_present(host, mark) == {"row": True, "file": True, "broker key": True}
-    backup = latest_backup(tmp_path / "backups", "edge-small")
-    assert oct(backup.stat().st_mode & 0o777) == "0o700"
-    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in backup.iterdir())
-    assert not (tmp_path / "backups" / "edge-small" / "rebuild-state.json").exists()
-    secret_values = [line.partition("=")[2] for line in (backup / "secrets.env").read_text().splitlines()]
-    assert not any(value and value in result.stdout + result.stderr for value in secret_values), "a secret was printed"
-
-
 def test_a_backup_of_edge_small_restored_onto_edge_medium_gives_the_same_data(deployed_stack: DeployedStack, tmp_path):
     small, medium = deployed_stack.hosts["edge-small"], deployed_stack.hosts["edge-medium"]
     mark = f"moved{int(time.time())}"
@@ -130,7 +114,10 @@ def test_a_corrupted_backup_is_refused_before_anything_is_stopped(deployed_stack
     assert _host_state(host) == before, "the host changed although the backup was refused"
 
 
-def test_a_rebuild_killed_right_after_its_backup_converges_on_rerun(deployed_stack: DeployedStack, tmp_path):
+def test_a_rebuild_killed_right_after_its_backup_converges_on_rerun_with_the_data_kept(
+        deployed_stack: DeployedStack, tmp_path):
+    """One rebuild to the end (the rerun: destroy, deploy, restore, verify) proves the data survives
+    too; a separate uninterrupted rebuild cost the VM tier another 5-11 minutes."""
     host = deployed_stack.hosts["edge-small"]
     mark = f"killed{int(time.time())}"
     write_marks(host, mark)
@@ -156,5 +143,13 @@ def test_a_rebuild_killed_right_after_its_backup_converges_on_rerun(deployed_sta
     result = edgefit("rebuild", str(inventory), "--yes", "--to", str(to_dir))
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert f"reusing backup {to_dir / 'edge-small' / state['backup']}" in result.stdout
+    assert "verify exit 0" in result.stdout
     assert marks_present(host, mark) == {"row": True, "file": True, "broker key": True}
+    backup = latest_backup(to_dir, "edge-small")
+    assert oct(backup.stat().st_mode & 0o777) == "0o700"
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in backup.iterdir())
+    assert not (to_dir / "edge-small" / "rebuild-state.json").exists(), "a finished rebuild leaves no state"
+    secret_values = [line.partition("=")[2] for line in (backup / "secrets.env").read_text().splitlines()]
+    printed = "".join(seen) + result.stdout + result.stderr
+    assert not any(value and value in printed for value in secret_values), "a secret was printed"
     shutil.rmtree(to_dir, ignore_errors=True)
