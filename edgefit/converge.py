@@ -17,6 +17,7 @@ from edgefit.expectations import expectations
 from edgefit.judge import limit_drift, parse_docker_time, postgres_drift, redis_drift
 from edgefit.plan import Plan
 from edgefit.render import (DAEMON_JSON, JOURNALD_CONF, PLAN_OF_RECORD, STACK_DIR, SYSCTL_CONF, StackFile)
+from edgefit.upgrade import image_changes
 
 COMPOSE_DEFINITION = (f"{STACK_DIR}/docker-compose.yml", f"{STACK_DIR}/.env")
 # Left by the step that places a new compose definition, removed once `docker compose up` ran:
@@ -41,6 +42,9 @@ class Changes:
     reasons: list[str] = field(default_factory=list)  # for the operation names: why compose up
     images_missing: list[str] = field(default_factory=list)
     unsettled: list[str] = field(default_factory=list)  # running but unhealthy or still starting
+    # service -> (image of the plan of record, planned image) for Dify's own images: an upgrade,
+    # gated and rolled back on failure (roles/upgrade.py)
+    upgrade: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def touches_containers(self) -> bool:
@@ -121,6 +125,8 @@ def decide(plan: Plan, rendered: list[StackFile], live: dict) -> Changes:
     if changes.images_missing:
         changes.reasons.append(f"{len(changes.images_missing)} image(s) missing")
     changes.compose_up = bool(changes.reasons) and not changes.recreate_all
+    changes.upgrade = image_changes(live.get("record_images"),
+                                    {name: service.image for name, service in plan.services.items()})
 
     expected = expectations(plan, [])
     for service, view in views.items():
