@@ -1,4 +1,4 @@
-"""The control-machine side of `edgefit backup`, `restore` and `rebuild`.
+"""The control-machine side of `edgefit backup`, `restore`, `rebuild` and `rollback`.
 
 The host-side work lives in deploy files a user can run with pyinfra directly (backup.py,
 restore.py, deploy.py); this module runs them as `pyinfra -y ...` subprocesses with live
@@ -354,18 +354,40 @@ def check_local_backup(path: Path) -> dict:
         raise Refused(f"{error}") from None
 
 
-def restore(inventory: str, limits: list[str] | None, source: Path, yes: bool, check_first: bool = True) -> int:
-    manifest = check_local_backup(source) if check_first else host_backup.read_manifest(str(source))
+def _host_by_host(inventory: str, limits: list[str] | None, question, yes: bool, steps) -> int:
+    """Ask once (question: host names -> the question), then per host, one at a time: each
+    (deploy file, data) step, then verify. A failed step raises StepFailed: the next host is not touched."""
     _, hosts = open_inventory(inventory, limits)
     names = [host.name for host in hosts]
-    confirm(f"restore backup {manifest['name']} of {manifest.get('host')} onto {', '.join(names)}? Their stack "
-            "stops, their current data is kept aside under DATA_ROOT/.pre-restore-*, then the backup's data and "
-            "secrets replace it", yes)
+    confirm(question(names), yes)
     code = 0
     for name in names:
-        run_pyinfra(inventory, "restore.py", [name], {"backup_from": str(source.resolve())}, label=f"restore {name}")
-        run_pyinfra(inventory, "deploy.py", [name], label=f"deploy {name}")
+        for deploy_file, data in steps:
+            run_pyinfra(inventory, deploy_file, [name], data, label=f"{deploy_file.removesuffix('.py')} {name}")
         code = max(code, verify(inventory, [name]))
+    return code
+
+
+def restore(inventory: str, limits: list[str] | None, source: Path, yes: bool, check_first: bool = True) -> int:
+    manifest = check_local_backup(source) if check_first else host_backup.read_manifest(str(source))
+    return _host_by_host(
+        inventory, limits,
+        lambda names: (f"restore backup {manifest['name']} of {manifest.get('host')} onto {', '.join(names)}? Their "
+                       "stack stops, their current data is kept aside under DATA_ROOT/.pre-restore-*, then the "
+                       "backup's data and secrets replace it"),
+        yes, [("restore.py", {"backup_from": str(source.resolve())}), ("deploy.py", None)])
+
+
+def rollback(inventory: str, limits: list[str] | None, yes: bool) -> int:
+    """Each host back to before its last upgrade (rollback.py), one host at a time, then verify."""
+    code = _host_by_host(
+        inventory, limits,
+        lambda names: (f"roll back the last upgrade of {', '.join(names)}? Each gets the images it ran before and "
+                       "the database and files of the backup taken before that upgrade; data written since is kept "
+                       "aside under DATA_ROOT/.pre-restore-*, not in the running stack"),
+        yes, [("rollback.py", None)])
+    print("rolled back; the inventory still names the newer release: change it (edgefit_dify_version or "
+          "edgefit_images) before the next deploy, which would upgrade again", flush=True)
     return code
 
 
