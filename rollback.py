@@ -15,10 +15,11 @@ from pyinfra.operations import files, server
 
 from edgefit import host_backup
 from edgefit.settings import read_settings
+from edgefit.upgrade import rollback_wait_s
 from roles.stack import wait_healthy_command
 
 settings = read_settings(host.data)
 files.put(name="edgefit's backup script", src=host_backup.__file__, dest=host_backup.HOST_SCRIPT, mode="644")
 server.shell(name="Roll back the last upgrade (previous images, the pre-upgrade backup's data)",
              commands=[f"python3 {host_backup.HOST_SCRIPT} rollback"])
-server.shell(name="Wait until every service is healthy", commands=[wait_healthy_command(settings.health_timeout_s)])
+server.shell(name="Wait until every service is healthy", commands=[wait_healthy_command(rollback_wait_s(settings.health_timeout_s))])

@@ -31,7 +31,7 @@ from edgefit.plan import Plan
 from edgefit.render import StackFile
 from edgefit.settings import DeploySettings
 from edgefit.upgrade import (BACKUP_SUBDIR, BACKUPS_KEPT, GATE_WINDOW_S, LOG_LINES, failing_services, failure_message,
-                             gate_failures, upgrade_summary)
+                             gate_failures, rollback_wait_s, upgrade_summary)
 from roles.stack import COMPOSE, wait_healthy_command
 
 SCRIPT = f"python3 {host_backup.HOST_SCRIPT}"
@@ -119,7 +119,8 @@ def run_gate(state, host, plan: Plan, rendered: list[StackFile], settings: Deplo
                         f"backup {backup} ...", fg="yellow", log_func=logger.warning)
         ok, out, err = _run(state, host, f"{SCRIPT} rollback", host_backup.COMMAND_TIMEOUT)
         if ok:
-            ok, out, err = _run(state, host, wait_healthy_command(timeout), timeout + 120)
+            ok, out, err = _run(state, host, wait_healthy_command(rollback_wait_s(timeout)),
+                                rollback_wait_s(timeout) + 120)
         rolled_back = ok
         if not ok:
             host.log_styled("\n".join(["the rollback failed:", *(out + err)[-LOG_LINES:]]), fg="red",
