@@ -254,3 +254,96 @@ def test_the_release_images_are_variants_of_the_api_stand_in():
         assert spec["env"][:-1] == base["env"] and spec["env"][-1] == f"STANDIN_RELEASE={tag.rsplit(':', 1)[1]}"
         assert spec["entrypoint"] == base["entrypoint"] and spec["services"] == base["services"]
     assert not set(build.RELEASES) & set(build.IMAGES)  # no service uses them by default
+
+
+# --- the gate itself, against a scripted host ---------------------------------------------------
+
+class ScriptedHost:
+    """Answers run_shell_command by the first key found in the command (a list of answers for a
+    key is used up one call at a time); records what ran."""
+
+    name = "edge-small"
+
+    def __init__(self, answers: list[tuple[str, bool, list[str]]]):
+        self.answers, self.commands, self.logged = answers, [], []
+
+    def run_shell_command(self, command, print_output=False, **arguments):
+        self.commands.append(command)
+        for key, ok, lines in self.answers:
+            if key in command:
+                if isinstance(ok, list):
+                    ok, lines = ok.pop(0), lines.pop(0)
+                return ok, type("Output", (), {"stdout_lines": lines, "stderr_lines": []})()
+        raise AssertionError(f"unexpected command {command[:80]}")
+
+    def log_styled(self, message, fg=None, log_func=None):
+        self.logged.append(message)
+
+    def ran(self, key: str) -> int:
+        return sum(key in command for command in self.commands)
+
+
+@pytest.fixture
+def gate(stack, monkeypatch):
+    from roles import upgrade as role
+    from edgefit.converge import Changes
+
+    plan, rendered = stack
+    monkeypatch.setattr(role.remote, "executor_arguments", lambda state, host: {})
+    changes = Changes(upgrade={"api": (OLD, NEW)})
+    backup = "/srv/dify/pre-upgrade-backups/20260101T120000Z"
+    state_line = json.dumps({"status": "upgrading", "backup": backup})
+
+    def run(answers, **settings):
+        target = ScriptedHost([*answers, ("state.json", True, [state_line]),
+                               ("logs --no-color", True, ["api-1 | boom"])])
+        ok = role.run_gate(None, target, plan, rendered, read_settings(settings), changes)
+        return ok, target, "\n".join(target.logged)
+    return role, run, backup
+
+
+def test_an_unhealthy_upgrade_is_rolled_back_and_the_host_fails_naming_the_service(gate):
+    role, run, backup = gate
+    ok, target, said = run([("host_backup.py rollback", True, []),
+                            ("not healthy and stable", [False, True], [WAIT_OUTPUT, ["all services running"]])],
+                           edgefit_health_timeout=120)
+    assert ok is False and target.ran("host_backup.py rollback") == 1
+    assert target.ran("not healthy and stable") == 2  # the gate's wait, and the one after the rollback
+    assert "the upgrade failed: api, web not healthy and stable within 120s" in said and "it was rolled back" in said
+    assert backup in said and "last log lines of api:" in said and "api-1 | boom" in said
+    assert target.ran("host_backup.py upgraded") == 0
+    gate_wait, rollback_wait = [c for c in target.commands if "not healthy and stable" in c]
+    assert "after 120s" in gate_wait and "after 900s" in rollback_wait  # a whole-stack start: the default bound
+
+
+def test_a_rollback_that_fails_too_says_so_and_where_the_backup_is(gate):
+    role, run, backup = gate
+    ok, target, said = run([("host_backup.py rollback", False, ["edgefit rollback: pg_restore failed"]),
+                            ("not healthy and stable", False, WAIT_OUTPUT)])
+    assert ok is False and "the automatic rollback failed too" in said and backup in said
+    assert "the rollback failed:" in said and target.ran("not healthy and stable") == 1
+
+
+def test_with_rollback_off_the_gate_only_stops_and_says_how(gate):
+    role, run, backup = gate
+    ok, target, said = run([("not healthy and stable", False, WAIT_OUTPUT)], edgefit_rollback=False)
+    assert ok is False and target.ran("host_backup.py rollback") == 0
+    assert "edgefit_rollback = False" in said and "edgefit rollback" in said and backup in said
+
+
+def test_verify_findings_of_an_upgraded_service_fail_the_gate_too(gate, monkeypatch):
+    role, run, _ = gate
+    report = {"verdict": "fail", "findings": [{"severity": "fail", "service": "api",
+                                               "message": "api restarted 2 time(s) during the 10s window"}]}
+    monkeypatch.setattr(role, "_verify_upgraded", lambda *a: report)
+    ok, target, said = run([("host_backup.py rollback", True, []), ("not healthy and stable", True, ["ok"])])
+    assert ok is False and target.ran("host_backup.py rollback") == 1
+    assert "verify: api restarted 2 time(s)" in said
+
+
+def test_a_healthy_verified_upgrade_passes_and_is_marked(gate, monkeypatch):
+    role, run, _ = gate
+    monkeypatch.setattr(role, "_verify_upgraded", lambda *a: {"verdict": "ok", "findings": []})
+    ok, target, said = run([("host_backup.py upgraded", True, []), ("not healthy and stable", True, ["ok"])])
+    assert ok is True and target.ran("host_backup.py upgraded") == 1 and target.ran("rollback") == 0
+    assert "upgrade passed its health gate" in said
