@@ -53,9 +53,11 @@ def prepare_upgrade(plan: Plan, changes: Changes) -> None:
 def gate_upgrade(plan: Plan, rendered: list[StackFile], settings: DeploySettings, changes: Changes) -> None:
     if not changes.upgrade:
         return
+    # Only plain values reach the callback: nothing that holds a rendered secret or a TLS key.
     python.call(name=f"Health gate for {', '.join(sorted(changes.upgrade))}"
                      + (" (rolled back on failure)" if settings.rollback else ""),
-                function=run_gate, plan=plan, rendered=rendered, settings=settings, changes=changes)
+                function=run_gate, expected=expectations(plan, rendered), data_root=plan.data_root,
+                upgrade=dict(changes.upgrade), health_timeout_s=settings.health_timeout_s, rollback=settings.rollback)
 
 
 def _run(state, target, command: str, timeout: float, stdin: str | None = None) -> tuple[bool, list[str], list[str]]:
@@ -69,7 +71,7 @@ def _run(state, target, command: str, timeout: float, stdin: str | None = None) 
     return ok, output.stdout_lines, output.stderr_lines
 
 
-def _verify_upgraded(state, target, plan: Plan, rendered: list[StackFile], since_s: float) -> dict:
+def _verify_upgraded(state, target, expected: dict, since_s: float) -> dict:
     """verify's judgement of the stack over a short window, against the plan being deployed."""
     options = remote.VerifyOptions(window=GATE_WINDOW_S, interval=2.0, events_since=since_s)
     ok, stdout, stderr = _run(state, target, remote.sampler_command(options, []),
@@ -78,14 +80,15 @@ def _verify_upgraded(state, target, plan: Plan, rendered: list[StackFile], since
         samples = json.loads([line for line in stdout if line.strip()][-1])
     except (IndexError, ValueError):
         return judge.error_report(target.name, f"the sampler printed no result ({(stderr or ['no output'])[-1][:200]})")
-    return judge.evaluate(samples, expectations(plan, rendered), host=target.name)
+    return judge.evaluate(samples, expected, host=target.name)
 
 
-def run_gate(state, host, plan: Plan, rendered: list[StackFile], settings: DeploySettings, changes: Changes) -> bool:
+def run_gate(state, host, expected: dict, data_root: str, upgrade: dict[str, tuple[str, str]],
+             health_timeout_s: int, rollback: bool) -> bool:
     """pyinfra calls this with (state, host) and fails the host when it returns False."""
-    services = sorted(changes.upgrade)
+    services = sorted(upgrade)
     began = time.monotonic()
-    timeout = settings.health_timeout_s
+    timeout = health_timeout_s
     healthy, output, _ = _run(state, host, wait_healthy_command(timeout), timeout + 120)
     what, service = None, None
     if not healthy:
@@ -94,7 +97,7 @@ def run_gate(state, host, plan: Plan, rendered: list[StackFile], settings: Deplo
         what = (f"{', '.join(named) or 'the stack'} not healthy and stable within {timeout}s "
                 "(edgefit_health_timeout)")
     else:
-        report = _verify_upgraded(state, host, plan, rendered, time.monotonic() - began + 60)
+        report = _verify_upgraded(state, host, expected, time.monotonic() - began + 60)
         failed = gate_failures(report, services)
         if report.get("verdict") == "error":
             what = f"verify could not check the upgraded services: {report.get('error')}"
@@ -102,7 +105,7 @@ def run_gate(state, host, plan: Plan, rendered: list[StackFile], settings: Deplo
             what, service = f"verify: {failed[0]['message']}", failed[0]["service"]
     if what is None:
         _run(state, host, f"{SCRIPT} upgraded", 60)
-        host.log_styled(f"upgrade passed its health gate: {upgrade_summary(changes.upgrade)}", fg="green",
+        host.log_styled(f"upgrade passed its health gate: {upgrade_summary(upgrade)}", fg="green",
                         log_func=logger.info)
         return True
 
@@ -112,9 +115,9 @@ def run_gate(state, host, plan: Plan, rendered: list[StackFile], settings: Deplo
     try:
         backup = json.loads("\n".join(state_lines))["backup"]
     except (ValueError, KeyError, TypeError):
-        backup = f"the newest one under {plan.data_root}/{BACKUP_SUBDIR}/"
+        backup = f"the newest one under {data_root}/{BACKUP_SUBDIR}/"
     rolled_back = None
-    if settings.rollback:
+    if rollback:
         host.log_styled(f"upgrade failed ({what}); rolling back to the previous release and the pre-upgrade "
                         f"backup {backup} ...", fg="yellow", log_func=logger.warning)
         ok, out, err = _run(state, host, f"{SCRIPT} rollback", host_backup.COMMAND_TIMEOUT)

@@ -285,19 +285,20 @@ class ScriptedHost:
 
 @pytest.fixture
 def gate(stack, monkeypatch):
+    from edgefit.expectations import expectations
     from roles import upgrade as role
-    from edgefit.converge import Changes
 
     plan, rendered = stack
     monkeypatch.setattr(role.remote, "executor_arguments", lambda state, host: {})
-    changes = Changes(upgrade={"api": (OLD, NEW)})
     backup = "/srv/dify/pre-upgrade-backups/20260101T120000Z"
     state_line = json.dumps({"status": "upgrading", "backup": backup})
 
     def run(answers, **settings):
         target = ScriptedHost([*answers, ("state.json", True, [state_line]),
                                ("logs --no-color", True, ["api-1 | boom"])])
-        ok = role.run_gate(None, target, plan, rendered, read_settings(settings), changes)
+        chosen = read_settings(settings)
+        ok = role.run_gate(None, target, expectations(plan, rendered), plan.data_root, {"api": (OLD, NEW)},
+                           chosen.health_timeout_s, chosen.rollback)
         return ok, target, "\n".join(target.logged)
     return role, run, backup
 
