@@ -55,17 +55,18 @@ def version_of(ref: str) -> tuple[int, ...] | None:
     return tuple(int(part) for part in match.group(1).split(".")) if match else None
 
 
-def _name(ref: str) -> str:
-    head = ref.split("@", 1)[0]
-    return head.rsplit(":", 1)[0] if ":" in head.rsplit("/", 1)[-1] else head
+def _image_name(ref: str) -> str:
+    """The image's own name without registry or tag: a mirror of dify-api is still dify-api."""
+    return ref.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
 
 
 def downgrades(changes: dict[str, tuple[str, str]]) -> list[str]:
-    """One phrase per service whose new image is an older release of the same image."""
+    """One phrase per service whose new image is an older release of the same image (from any
+    registry or mirror)."""
     found = []
     for service, (old, new) in sorted(changes.items()):
         old_version, new_version = version_of(old), version_of(new)
-        if _name(old) == _name(new) and old_version and new_version and new_version < old_version:
+        if _image_name(old) == _image_name(new) and old_version and new_version and new_version < old_version:
             found.append(f"{service} {old} -> {new}")
     return found
 

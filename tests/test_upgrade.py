@@ -88,7 +88,8 @@ def test_a_downgrade_is_refused_with_the_way_back_unless_asked_for():
     assert "edgefit_allow_downgrade = True" in message and "\n" not in message
     check_not_downgrade(changes, allowed=True)
     check_not_downgrade({"api": (OLD, NEW)}, allowed=False)
-    check_not_downgrade({"api": ("mirror.lan/dify-api:1.13.3", "langgenius/dify-api:1.12.1")}, allowed=False)
+    assert downgrades({"api": ("mirror.lan:5000/dify-api:1.13.3", "langgenius/dify-api:1.12.1")})  # a mirror too
+    check_not_downgrade({"api": ("langgenius/dify-api:1.13.3", "lan/my-fork-api:1.0.0")}, allowed=False)
 
 
 # --- settings ---------------------------------------------------------------------------------
