@@ -36,7 +36,8 @@ def release_inventory(tmp_path: Path, hosts: dict, release: str | None, **data) 
     if release:
         images.update({service: release for service in API_IMAGE_SERVICES})
     entries = [[name, {**host.pyinfra_data(), "edgefit_images": images, **data}] for name, host in hosts.items()]
-    path = tmp_path / f"release-{(release or 'standard').rsplit(':', 1)[-1]}-{len(entries)}.py"
+    tag = (release or "standard").rsplit(":", 1)[-1].replace("-", "_")
+    path = tmp_path / f"release_{tag}_{len(entries)}_hosts.py"
     path.write_text(f"import json\nvagrant = [tuple(e) for e in json.loads({json.dumps(json.dumps(entries))})]\n")
     return path
 
