@@ -57,6 +57,7 @@ UPGRADE_DIR = "/var/lib/edgefit/upgrade"
 UPGRADE_STATE = f"{UPGRADE_DIR}/state.json"
 UPGRADE_PREVIOUS = f"{UPGRADE_DIR}/previous"
 UPGRADE_KEPT = (f"{STACK_DIR}/docker-compose.yml", f"{STACK_DIR}/.env", PLAN_OF_RECORD)
+ROLLBACK_FROM = ("upgrading", "upgraded")  # the states an upgrade can be rolled back from
 COMMAND_TIMEOUT = 3600  # any single dump, copy or tar
 WAIT_TIMEOUT = 300  # a service to come up or stop
 
@@ -507,7 +508,7 @@ def rollback() -> str:
     restore does), the previous compose definition and plan of record put back, the stack started.
     Returns the backup's path. The caller waits for health."""
     state = read_upgrade_state()
-    if not state or state.get("status") not in ("upgrading", "upgraded"):
+    if not state or state.get("status") not in ROLLBACK_FROM:
         raise BackupError("there is no upgrade to roll back on this host"
                           + (f" (the last one, {state.get('upgrade')}, was rolled back already)" if state else ""))
     missing = [path for path in UPGRADE_KEPT

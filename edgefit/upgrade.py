@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from edgefit.host_backup import ROLLBACK_FROM
+
 # Dify's own images: the ones whose release changes the database (api runs the migrations).
 UPGRADED_SERVICES = ("api", "worker", "worker_beat", "web", "plugin_daemon", "sandbox")
 BACKUP_SUBDIR = "pre-upgrade-backups"  # under the data root: on the data disk when there is one
@@ -134,3 +136,15 @@ def failure_message(host: str, what: str, service: str | None, logs: list[str], 
         verdict = (f"edgefit_rollback = False, so it was not rolled back; the pre-upgrade backup is {backup}: "
                    "`edgefit rollback INVENTORY --limit HOST` returns the host to the previous images and that data")
     return "\n".join([f"{head}; {verdict}", *tail])
+
+
+def rollback_target(host: str, state: dict | None) -> str:
+    """What `edgefit rollback` will do on a host (from its upgrade state.json), one line; UpgradeRefused
+    when it has no upgrade to roll back."""
+    if not state or state.get("status") not in ROLLBACK_FROM:
+        done = state and state.get("status") == "rolled-back"
+        raise UpgradeRefused(f"{host} has no upgrade to roll back"
+                             + (f" (the last one, {state.get('upgrade')}, was rolled back already)" if done else "")
+                             + ". Nothing was changed")
+    return (f"{host}: undo {state.get('upgrade')} ({state.get('status')}, backed up at {state.get('at')}): "
+            f"the previous images, and the data of {state.get('backup')}")

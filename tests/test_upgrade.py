@@ -202,10 +202,44 @@ def test_rollback_arguments(tmp_path, capsys):
     assert bad.value.code == 2
 
 
+UPGRADED = {"status": "upgraded", "upgrade": f"api {OLD} -> {NEW}", "at": "20260101T120000Z",
+            "backup": "/srv/dify/pre-upgrade-backups/20260101T120000Z"}
+
+
+def host_states(monkeypatch, states: dict[str, dict | None]) -> None:
+    """lifecycle.host_command answers each host's `cat state.json` from states."""
+    def host_command(state, host, command, timeout, stdin=None):
+        assert command.startswith("cat /var/lib/edgefit/upgrade/state.json")
+        return json.dumps(states[host.name]).splitlines() if states[host.name] else []
+    monkeypatch.setattr(lifecycle, "host_command", host_command)
+
+
+def test_what_a_rollback_will_do_is_said_first_and_nothing_to_undo_is_refused():
+    from edgefit.upgrade import rollback_target
+
+    line = rollback_target("one", UPGRADED)
+    assert line.startswith(f"one: undo api {OLD} -> {NEW} (upgraded") and UPGRADED["backup"] in line
+    assert rollback_target("one", {**UPGRADED, "status": "upgrading"})
+    with pytest.raises(UpgradeRefused, match=r"^one has no upgrade to roll back\. Nothing was changed$"):
+        rollback_target("one", None)
+    with pytest.raises(UpgradeRefused, match="was rolled back already"):
+        rollback_target("one", {**UPGRADED, "status": "rolled-back"})
+
+
 def test_rollback_asks_first_and_changes_nothing_without_an_answer(tmp_path, monkeypatch, capsys):
+    host_states(monkeypatch, {"one": UPGRADED, "two": UPGRADED})
     monkeypatch.setattr(lifecycle, "run_pyinfra", lambda *a, **k: pytest.fail("ran without confirmation"))
     assert cli.main(["rollback", inventory(tmp_path)]) == 2
-    assert "pass --yes" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "pass --yes" in err and out.count(": undo api") == 2
+
+
+def test_rollback_of_a_host_without_an_upgrade_is_refused_before_any_host_is_touched(tmp_path, monkeypatch, capsys):
+    host_states(monkeypatch, {"one": UPGRADED, "two": {**UPGRADED, "status": "rolled-back"}})
+    monkeypatch.setattr(lifecycle, "run_pyinfra", lambda *a, **k: pytest.fail("touched a host"))
+    assert cli.main(["rollback", inventory(tmp_path), "--yes"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgefit: error: two has no upgrade to roll back") and len(err.splitlines()) == 1
 
 
 def test_rollback_goes_host_by_host_and_stops_at_the_first_failure(tmp_path, monkeypatch, capsys):
@@ -215,6 +249,7 @@ def test_rollback_goes_host_by_host_and_stops_at_the_first_failure(tmp_path, mon
         calls.append((deploy_file, hosts))
         raise lifecycle.StepFailed(f"rollback failed on {hosts[0]}: there is no upgrade to roll back on this host")
 
+    host_states(monkeypatch, {"one": UPGRADED, "two": UPGRADED})
     monkeypatch.setattr(lifecycle, "run_pyinfra", run_pyinfra)
     monkeypatch.setattr(lifecycle, "verify", lambda *a: pytest.fail("verified a host that failed"))
     assert cli.main(["rollback", inventory(tmp_path), "--yes"]) == 1
