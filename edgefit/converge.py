@@ -45,6 +45,7 @@ class Changes:
     # service -> (image of the plan of record, planned image) for Dify's own images: an upgrade,
     # gated and rolled back on failure (roles/upgrade.py)
     upgrade: dict[str, tuple[str, str]] = field(default_factory=dict)
+    down: list[str] = field(default_factory=list)  # planned services missing or not running
 
     @property
     def touches_containers(self) -> bool:
@@ -118,6 +119,7 @@ def decide(plan: Plan, rendered: list[StackFile], live: dict) -> Changes:
     missing = [s for s in plan.services if s not in views]
     stopped = [s for s in plan.services if s in views and not views[s].get("running")]
     orphans = [s for s in views if s not in plan.services]
+    changes.down = sorted(missing + stopped)
     for label, names in (("missing", missing), ("not running", stopped), ("not in the plan", orphans)):
         if names:
             changes.reasons.append(f"{label}: {', '.join(sorted(names))}")

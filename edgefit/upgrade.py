@@ -83,6 +83,19 @@ def check_not_downgrade(changes: dict[str, tuple[str, str]], allowed: bool) -> N
             "edgefit_allow_downgrade = True if you are sure")
 
 
+BACKED_UP_FROM = ("db", "redis_broker")  # the pre-upgrade backup dumps and saves these live
+
+
+def check_can_back_up(changes: dict[str, tuple[str, str]], down: list[str]) -> None:
+    """An upgrade starts with a backup of the running database and broker: refused when they are down."""
+    blocked = [service for service in BACKED_UP_FROM if service in down]
+    if changes and blocked:
+        raise UpgradeRefused(
+            f"the upgrade ({upgrade_summary(changes)}) starts with a backup of the running database, but "
+            f"{' and '.join(blocked)} {'is' if len(blocked) == 1 else 'are'} not running; deploy the current "
+            "release first (that starts the stack), then upgrade")
+
+
 def record_images(record: dict | None) -> dict[str, str] | None:
     """The images of a plan of record (its parsed JSON), None when there is none."""
     try:

@@ -14,7 +14,7 @@ from edgefit.plan import Plan
 from edgefit.render import (FIREWALL_RULES, FIREWALL_UNIT, SYSCTL_CONF, THP_UNIT, VERIFY_SERVICE, VERIFY_TIMER,
                             StackFile, file_at)
 from edgefit.settings import DeploySettings
-from edgefit.upgrade import UpgradeRefused, check_not_downgrade, upgrade_summary
+from edgefit.upgrade import UpgradeRefused, check_can_back_up, check_not_downgrade, upgrade_summary
 from roles.firewall import NFT, UNIT as FIREWALL_SERVICE
 from roles.tls import SELF_SIGNED_CERT, SELF_SIGNED_KEY
 from roles.volumes import data_directories
@@ -32,6 +32,7 @@ def read_host_and_decide(plan: Plan, rendered: list[StackFile], settings: Deploy
     changes = decide(plan, rendered, live)
     try:
         check_not_downgrade(changes.upgrade, settings.allow_downgrade)
+        check_can_back_up(changes.upgrade, changes.down)
     except UpgradeRefused as error:
         raise DeployError(f"{host.name}: {error}. Nothing was changed on any host.") from None
     if changes.upgrade:

@@ -59,6 +59,21 @@ def test_a_first_deploy_or_a_new_database_image_is_no_upgrade(stack):
     assert set(UPGRADED_SERVICES) == {"api", "worker", "worker_beat", "web", "plugin_daemon", "sandbox"}
 
 
+def test_an_upgrade_of_a_stopped_stack_is_refused_with_the_way_forward(stack):
+    from edgefit.upgrade import check_can_back_up
+
+    plan, rendered = stack
+    live = {**at_plan(plan, rendered), "record_images": {**planned_images(plan), "api": OLD}}
+    live["snapshot"]["containers"] = [c for c in live["snapshot"]["containers"] if c["end"]["service"] != "db"]
+    changes = decide(plan, rendered, live)
+    assert changes.upgrade and changes.down == ["db"]
+    with pytest.raises(UpgradeRefused) as refused:
+        check_can_back_up(changes.upgrade, changes.down)
+    assert "db is not running; deploy the current release first" in str(refused.value)
+    check_can_back_up({}, ["db"])  # no upgrade: the deploy starts it as always
+    check_can_back_up(changes.upgrade, ["web"])
+
+
 def test_the_plan_of_record_read_gives_its_images():
     record = {"plan": {"services": {"api": {"image": NEW, "mem_limit_mib": 900}}}}
     assert record_images(record) == {"api": NEW}
