@@ -4,6 +4,8 @@ Each role under roles/ does one job; this file only calls them in order. The dat
 host facts + inventory data -> Plan (edgefit/plan.py) -> rendered files -> one read of the host
 and the changes it needs (edgefit/converge.py) -> operations -> the plan of record on the host
 (/etc/edgefit/plan.json), which verify and the tests read. A host at its plan gets no operation.
+An upgrade of Dify's images is backed up first and gated, and rolled back when it fails
+(roles/upgrade.py); `pyinfra --serial --fail-percent 0` rolls it out one host at a time.
 """
 
 from edgefit.render import render_stack
@@ -17,14 +19,16 @@ from roles.record import record_plan
 from roles.secrets import ensure_secrets
 from roles.stack import deploy_stack
 from roles.tls import make_certificate
+from roles.upgrade import gate_upgrade, prepare_upgrade
 from roles.verify_timer import install_verify_timer
 from roles.volumes import prepare_volumes
 
 plan, settings, facts = check_host_and_plan()  # every check that can refuse a host happens here
 secrets = ensure_secrets()
 rendered = render_stack(plan, secrets, settings.tls_pair)
-live, changes = read_host_and_decide(plan, rendered)  # the one read; the rest carries changes out
+live, changes = read_host_and_decide(plan, rendered, settings)  # the one read; the rest carries changes out
 
+prepare_upgrade(plan, changes)  # only when Dify's images change: the pre-upgrade backup, before anything else
 install_docker(settings, live, facts)
 prepare_volumes(plan, live)
 place_files(changes)
@@ -33,5 +37,6 @@ tune_host(plan, changes, live, facts)
 configure_firewall(plan, changes, live)
 run_docker(changes, live)
 deploy_stack(plan, settings, changes)
+gate_upgrade(plan, rendered, settings, changes)  # health and verify, or a rollback and a failed host
 install_verify_timer(plan, live)
 record_plan(changes)

@@ -1,4 +1,4 @@
-"""edgefit's command line: plan, render, verify, backup, restore, rebuild, secret.
+"""edgefit's command line: plan, render, verify, backup, restore, rebuild, rollback, secret.
 
 Exit codes: 0 fine, 1 a check or a step failed, 2 bad input, a refused host or a host too small
 (one sentence on stderr, never a traceback).
@@ -259,6 +259,11 @@ def command_rebuild(args: argparse.Namespace) -> int:
     return _lifecycle_call(lambda lc: lc.rebuild(args.inventory, args.limit, Path(args.to), args.fresh, args.yes))
 
 
+def command_rollback(args: argparse.Namespace) -> int:
+    _existing_inventory(args)
+    return _lifecycle_call(lambda lc: lc.rollback(args.inventory, args.limit, args.yes))
+
+
 def command_secret(args: argparse.Namespace) -> int:
     _existing_inventory(args)
     return _lifecycle_call(lambda lc: lc.show_secret(args.inventory, args.limit, args.name, args.show_any))
@@ -359,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild_parser.add_argument("--fresh", action="store_true",
                                 help="start with empty data (deleted only after the backup reached this machine)")
     rebuild_parser.set_defaults(handler=command_rebuild)
+
+    rollback_parser = commands.add_parser(
+        "rollback", help="return hosts to before their last upgrade: previous images and the pre-upgrade backup",
+        description="Per host, one at a time: the backup the deploy took before the last upgrade is restored (the "
+                    "current data kept aside under DATA_ROOT/.pre-restore-TIME/), the compose definition and plan of "
+                    "record the upgrade replaced are put back, the stack starts and its health is waited for; then "
+                    "verify. A failed host stops the run before the next. Change the inventory's release afterwards: "
+                    "the next deploy would upgrade again.",
+        epilog="Exit codes: 0 rolled back and verified; 1 a host has no upgrade to roll back, or a step or verify "
+               "failed; 2 bad input or not confirmed.")
+    _host_arguments(rollback_parser, yes=True)
+    rollback_parser.set_defaults(handler=command_rollback)
 
     secret_parser = commands.add_parser(
         "secret", help="print one secret of one host for its operator (init_password by default)",

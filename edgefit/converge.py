@@ -17,6 +17,7 @@ from edgefit.expectations import expectations
 from edgefit.judge import limit_drift, parse_docker_time, postgres_drift, redis_drift
 from edgefit.plan import Plan
 from edgefit.render import (DAEMON_JSON, JOURNALD_CONF, PLAN_OF_RECORD, STACK_DIR, SYSCTL_CONF, StackFile)
+from edgefit.upgrade import image_changes
 
 COMPOSE_DEFINITION = (f"{STACK_DIR}/docker-compose.yml", f"{STACK_DIR}/.env")
 # Left by the step that places a new compose definition, removed once `docker compose up` ran:
@@ -41,6 +42,10 @@ class Changes:
     reasons: list[str] = field(default_factory=list)  # for the operation names: why compose up
     images_missing: list[str] = field(default_factory=list)
     unsettled: list[str] = field(default_factory=list)  # running but unhealthy or still starting
+    # service -> (image of the plan of record, planned image) for Dify's own images: an upgrade,
+    # gated and rolled back on failure (roles/upgrade.py)
+    upgrade: dict[str, tuple[str, str]] = field(default_factory=dict)
+    down: list[str] = field(default_factory=list)  # planned services missing or not running
 
     @property
     def touches_containers(self) -> bool:
@@ -114,6 +119,7 @@ def decide(plan: Plan, rendered: list[StackFile], live: dict) -> Changes:
     missing = [s for s in plan.services if s not in views]
     stopped = [s for s in plan.services if s in views and not views[s].get("running")]
     orphans = [s for s in views if s not in plan.services]
+    changes.down = sorted(missing + stopped)
     for label, names in (("missing", missing), ("not running", stopped), ("not in the plan", orphans)):
         if names:
             changes.reasons.append(f"{label}: {', '.join(sorted(names))}")
@@ -121,6 +127,8 @@ def decide(plan: Plan, rendered: list[StackFile], live: dict) -> Changes:
     if changes.images_missing:
         changes.reasons.append(f"{len(changes.images_missing)} image(s) missing")
     changes.compose_up = bool(changes.reasons) and not changes.recreate_all
+    changes.upgrade = image_changes(live.get("record_images"),
+                                    {name: service.image for name, service in plan.services.items()})
 
     expected = expectations(plan, [])
     for service, view in views.items():

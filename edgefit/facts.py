@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pyinfra.api import FactBase
 
+from edgefit.host_backup import PLAN_OF_RECORD
+
 SECRETS_PATH = "/etc/edgefit/secrets.env"
 COMPOSE_PROJECT = "edgefit-dify"
 
@@ -129,6 +131,10 @@ class HostState(FactBase):
             "$(systemctl is-active \"$u\" 2>/dev/null)|$(systemctl show -p NeedDaemonReload --value \"$u\" 2>/dev/null)\"; done",
             f"echo {SECTION}sysctl",
             f"sysctl -e {words(sysctl_keys)} 2>/dev/null || true",
+            f"echo {SECTION}record",  # the plan of record's images: an upgrade is judged against them
+            "python3 -c 'import json, sys; services = json.load(open(sys.argv[1]))[\"plan\"][\"services\"]; "
+            "print(json.dumps({name: entry[\"image\"] for name, entry in services.items()}))' "
+            f"{PLAN_OF_RECORD} 2>/dev/null || true",
             f"echo {SECTION}compose",
             # the plugin's presence, not `docker compose version`: that Go binary takes seconds to start
             f"for c in {words(COMPOSE_PLUGIN_PATHS)}; do test -x \"$c\" && {{ echo present; break; }}; done",
@@ -178,8 +184,15 @@ class HostState(FactBase):
                 break
         compose = (sections.get("compose") or [""])[0].strip() or None
         images = sorted((snapshot or {}).get("images") or [])
+        record_images = None
+        for line in sections.get("record", []):
+            try:
+                record_images = json.loads(line) if line.startswith("{") else record_images
+            except ValueError:
+                record_images = None
         return {"files": files, "directories": directories, "units": units, "sysctl": sysctl,
                 "images": images, "compose_version": compose, "snapshot": snapshot,
+                "record_images": record_images if isinstance(record_images, dict) else None,
                 "units_need_reload": sorted(name for name, unit in units.items() if unit["need_reload"])}
 
 

@@ -8,6 +8,9 @@ its checks are written once.
     python3 host_backup.py backup --host NAME --name STAMP --keep N
     python3 host_backup.py restore --dir DIR
     python3 host_backup.py teardown --data-root DIR [--fresh]
+    python3 host_backup.py pre-upgrade --host NAME --name STAMP --root DIR --keep N --upgrade TEXT
+    python3 host_backup.py upgraded
+    python3 host_backup.py rollback
 
 A backup is a directory of files plus manifest.json (host, time, the plan of record, image
 references, each file's size and sha256). It is written under a temporary name and renamed when
@@ -47,6 +50,14 @@ FILE_TREES = ("storage", "plugin_daemon")
 # Every top-level data directory the stack uses (roles/volumes.py DATA_DIRECTORIES; a test keeps
 # them equal): what `rebuild --fresh` removes, after the backup reached the control machine.
 DATA_DIRS = ("postgres", "redis", "redis-broker", "storage", "sandbox", "plugin_daemon", "weaviate", "qdrant")
+# An upgrade's state (edgefit/upgrade.py reads these names from here): state.json says which
+# backup was taken before it and where it stands (upgrading, upgraded, rolled-back); previous/
+# holds the compose definition and plan of record it replaced, as the deploy before rendered them.
+UPGRADE_DIR = "/var/lib/edgefit/upgrade"
+UPGRADE_STATE = f"{UPGRADE_DIR}/state.json"
+UPGRADE_PREVIOUS = f"{UPGRADE_DIR}/previous"
+UPGRADE_KEPT = (f"{STACK_DIR}/docker-compose.yml", f"{STACK_DIR}/.env", PLAN_OF_RECORD)
+ROLLBACK_FROM = ("upgrading", "upgraded")  # the states an upgrade can be rolled back from
 COMMAND_TIMEOUT = 3600  # any single dump, copy or tar
 WAIT_TIMEOUT = 300  # a service to come up or stop
 
@@ -442,6 +453,82 @@ def teardown(data_root: str, fresh: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# upgrades (edgefit/upgrade.py, roles/upgrade.py, rollback.py)
+
+def read_upgrade_state() -> dict | None:
+    try:
+        with open(UPGRADE_STATE) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise BackupError(f"{UPGRADE_STATE} cannot be read ({error}); look at it before going on") from None
+
+
+def write_upgrade_state(state: dict) -> None:
+    os.makedirs(UPGRADE_DIR, mode=0o700, exist_ok=True)
+    temporary = UPGRADE_STATE + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(state, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, UPGRADE_STATE)
+
+
+def pre_upgrade(host: str, name: str, root: str, keep: int, upgrade: str) -> str:
+    """Before an upgrade: the backup, and the compose definition and plan of record it replaces.
+    An earlier upgrade that never finished (it failed without a rollback) keeps its backup and
+    copies: they, not the half-upgraded host, are the last state known good."""
+    state = read_upgrade_state()
+    if state and state.get("status") == "upgrading":
+        progress(f"an earlier upgrade ({state.get('upgrade')}) did not finish: keeping its backup "
+                 f"{state['backup']} and the compose definition before it, not taking new ones")
+        write_upgrade_state({**state, "upgrade": upgrade, "retried": stamp_now()})
+        return state["backup"]
+    final = backup(host, name, keep, root)
+    shutil.rmtree(UPGRADE_PREVIOUS, ignore_errors=True)
+    os.makedirs(UPGRADE_PREVIOUS, mode=0o700)
+    os.chmod(UPGRADE_DIR, 0o700)
+    for path in UPGRADE_KEPT:
+        shutil.copy2(path, os.path.join(UPGRADE_PREVIOUS, os.path.basename(path)))
+    write_upgrade_state({"status": "upgrading", "backup": final, "host": host, "upgrade": upgrade,
+                         "at": stamp_now(), "images": read_manifest(final)["images"]})
+    progress(f"pre-upgrade backup {final}; previous compose definition kept in {UPGRADE_PREVIOUS}")
+    return final
+
+
+def mark_upgraded() -> None:
+    state = read_upgrade_state()
+    if state:
+        write_upgrade_state({**state, "status": "upgraded", "upgraded": stamp_now()})
+
+
+def rollback() -> str:
+    """Back to before the last upgrade: its backup restored (the current data kept aside, as any
+    restore does), the previous compose definition and plan of record put back, the stack started.
+    Returns the backup's path. The caller waits for health."""
+    state = read_upgrade_state()
+    if not state or state.get("status") not in ROLLBACK_FROM:
+        raise BackupError("there is no upgrade to roll back on this host"
+                          + (f" (the last one, {state.get('upgrade')}, was rolled back already)" if state else ""))
+    missing = [path for path in UPGRADE_KEPT
+               if not os.path.isfile(os.path.join(UPGRADE_PREVIOUS, os.path.basename(path)))]
+    if missing:
+        raise BackupError(f"{UPGRADE_PREVIOUS} lacks the previous {', '.join(missing)}; restore the backup "
+                          f"{state['backup']} with `edgefit restore` instead")
+    progress(f"rolling back {state.get('upgrade')}: restoring the pre-upgrade backup {state['backup']} ...")
+    restore(state["backup"])
+    for path in UPGRADE_KEPT:
+        temporary = path + ".rollback"
+        shutil.copy2(os.path.join(UPGRADE_PREVIOUS, os.path.basename(path)), temporary)
+        os.replace(temporary, path)
+    progress("previous compose definition and plan of record back; starting the stack ...")
+    compose("up", "-d", "--remove-orphans", "--quiet-pull", timeout=WAIT_TIMEOUT + 300)
+    write_upgrade_state({**state, "status": "rolled-back", "rolled_back": stamp_now()})
+    return state["backup"]
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="host_backup.py", description=__doc__.split("\n")[0])
@@ -456,12 +543,26 @@ def main(argv: list[str] | None = None) -> int:
     three = commands.add_parser("teardown")
     three.add_argument("--data-root", required=True)
     three.add_argument("--fresh", action="store_true")
+    four = commands.add_parser("pre-upgrade")
+    four.add_argument("--host", required=True)
+    four.add_argument("--name", required=True)
+    four.add_argument("--root", required=True)
+    four.add_argument("--keep", type=int, default=2)
+    four.add_argument("--upgrade", required=True)
+    commands.add_parser("upgraded")
+    commands.add_parser("rollback")
     args = parser.parse_args(argv)
     try:
+        if args.command in ("backup", "pre-upgrade") and (not STAMP.match(args.name) or args.keep < 1):
+            raise BackupError(f"--name must look like {stamp_now()} and --keep be 1 or more")
         if args.command == "backup":
-            if not STAMP.match(args.name) or args.keep < 1:
-                raise BackupError(f"--name must look like {stamp_now()} and --keep be 1 or more")
             backup(args.host, args.name, args.keep, args.root)
+        elif args.command == "pre-upgrade":
+            pre_upgrade(args.host, args.name, args.root, args.keep, args.upgrade)
+        elif args.command == "upgraded":
+            mark_upgraded()
+        elif args.command == "rollback":
+            rollback()
         elif args.command == "restore":
             restore(args.dir)
         else:

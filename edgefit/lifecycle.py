@@ -1,4 +1,4 @@
-"""The control-machine side of `edgefit backup`, `restore` and `rebuild`.
+"""The control-machine side of `edgefit backup`, `restore`, `rebuild` and `rollback`.
 
 The host-side work lives in deploy files a user can run with pyinfra directly (backup.py,
 restore.py, deploy.py); this module runs them as `pyinfra -y ...` subprocesses with live
@@ -354,18 +354,48 @@ def check_local_backup(path: Path) -> dict:
         raise Refused(f"{error}") from None
 
 
+def _host_by_host(inventory: str, names: list[str], question: str, yes: bool, steps) -> int:
+    """Ask once, then per host, one at a time: each (deploy file, data) step, then verify. A failed
+    step raises StepFailed: the next host is not touched."""
+    confirm(question, yes)
+    code = 0
+    for name in names:
+        for deploy_file, data in steps:
+            run_pyinfra(inventory, deploy_file, [name], data, label=f"{deploy_file.removesuffix('.py')} {name}")
+        code = max(code, verify(inventory, [name]))
+    return code
+
+
 def restore(inventory: str, limits: list[str] | None, source: Path, yes: bool, check_first: bool = True) -> int:
     manifest = check_local_backup(source) if check_first else host_backup.read_manifest(str(source))
     _, hosts = open_inventory(inventory, limits)
     names = [host.name for host in hosts]
-    confirm(f"restore backup {manifest['name']} of {manifest.get('host')} onto {', '.join(names)}? Their stack "
-            "stops, their current data is kept aside under DATA_ROOT/.pre-restore-*, then the backup's data and "
-            "secrets replace it", yes)
-    code = 0
-    for name in names:
-        run_pyinfra(inventory, "restore.py", [name], {"backup_from": str(source.resolve())}, label=f"restore {name}")
-        run_pyinfra(inventory, "deploy.py", [name], label=f"deploy {name}")
-        code = max(code, verify(inventory, [name]))
+    return _host_by_host(
+        inventory, names,
+        f"restore backup {manifest['name']} of {manifest.get('host')} onto {', '.join(names)}? Their stack stops, "
+        "their current data is kept aside under DATA_ROOT/.pre-restore-*, then the backup's data and secrets replace it",
+        yes, [("restore.py", {"backup_from": str(source.resolve())}), ("deploy.py", None)])
+
+
+def rollback(inventory: str, limits: list[str] | None, yes: bool) -> int:
+    """Each host back to before its last upgrade (rollback.py), one host at a time, then verify.
+    Every host's upgrade state is read first: one with nothing to roll back is Refused before any is touched."""
+    from edgefit.upgrade import UpgradeRefused, rollback_target
+
+    state, hosts = open_inventory(inventory, limits)
+    for host in hosts:
+        text = "\n".join(host_command(state, host, f"cat {host_backup.UPGRADE_STATE} 2>/dev/null || true", timeout=30))
+        try:
+            print(rollback_target(host.name, json.loads(text) if text.strip() else None), flush=True)
+        except ValueError as error:  # UpgradeRefused, or a state file that is not JSON
+            raise Refused(str(error) if isinstance(error, UpgradeRefused) else
+                          f"{host.name}: {host_backup.UPGRADE_STATE} is not readable JSON; look at it") from None
+    code = _host_by_host(
+        inventory, [host.name for host in hosts],
+        "roll back these upgrades? Data written since each was backed up is kept aside under "
+        "DATA_ROOT/.pre-restore-*, not in the running stack", yes, [("rollback.py", None)])
+    print("rolled back; the inventory still names the newer release: change it (edgefit_dify_version or "
+          "edgefit_images) before the next deploy, which would upgrade again", flush=True)
     return code
 
 

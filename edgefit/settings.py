@@ -163,6 +163,10 @@ SETTINGS: tuple[Setting, ...] = (
             "plan for another size than the host reports"),
     Setting("edgefit_health_timeout", "seconds, 30-7200", 900, int_between(30, 7200),
             "how long the deploy waits for every healthcheck"),
+    Setting("edgefit_rollback", "True/False", True, check_bool,
+            "an upgrade that fails its health gate is rolled back (previous images, pre-upgrade backup)"),
+    Setting("edgefit_allow_downgrade", "True/False", False, check_bool,
+            "allow a release older than the running one (Dify's migrations only go forward)"),
     Setting("edgefit_verify_timer", "True/False", False, check_bool,
             "install a systemd timer that runs verify on the host"),
     Setting("edgefit_verify_timer_every", "systemd time span", "5min", check_timer_span,
@@ -193,6 +197,8 @@ class DeploySettings:
     compose_binary: Path | None
     size_override: tuple[int, int] | None  # (cpus, memory MiB)
     health_timeout_s: int
+    rollback: bool = True  # a failed upgrade is rolled back by itself
+    allow_downgrade: bool = False
     tls_pair: tuple[str, str] | None = None  # the provided certificate and key, PEM texts (checked)
 
 
@@ -268,6 +274,8 @@ def read_settings(data) -> DeploySettings:
         compose_binary=compose,
         size_override=values["edgefit_size_override"],
         health_timeout_s=values["edgefit_health_timeout"],
+        rollback=values["edgefit_rollback"],
+        allow_downgrade=values["edgefit_allow_downgrade"],
         tls_pair=tls_pair,
     )
 

@@ -54,6 +54,17 @@ edgefit_size_override = None
 # Seconds to wait for every healthcheck to pass after `docker compose up` (bounded).
 edgefit_health_timeout = 900
 
+# --- Upgrades (a new edgefit_dify_version or an image override of api, worker, worker_beat, web,
+# plugin_daemon or sandbox): the deploy first backs up the host under
+# DATA_ROOT/pre-upgrade-backups/ (the data disk when there is one), then upgrades, waits for every
+# healthcheck and runs verify's checks on the upgraded services. When that fails it rolls back by
+# itself: the previous images, the database and files of that backup, health waited for again,
+# and fails naming the service. False only stops and says how to roll back (`edgefit rollback`).
+edgefit_rollback = True
+# Dify's migrations only go forward: a release older than the running one may not read the
+# database. Refused unless this is True (to undo an upgrade, use `edgefit rollback` instead).
+edgefit_allow_downgrade = False
+
 # --- Verify timer (edgefit verify on the host itself, between deploys)
 # True installs a systemd timer that samples the stack for 20 s and logs a verdict to the
 # journal every edgefit_verify_timer_every (`journalctl -u edgefit-verify`; the full report is

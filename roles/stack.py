@@ -81,7 +81,7 @@ def deploy_stack(plan: Plan, settings: DeploySettings, changes: Changes) -> None
                      commands=[f"{COMPOSE} up -d --no-deps --force-recreate {names}"])
     for service, why in sorted(changes.restart.items()):
         server.shell(name=f"Restart {service}: {why}", commands=[f"{COMPOSE} restart {service}"])
-    if changes.wait_healthy:
+    if changes.wait_healthy and not changes.upgrade:  # an upgrade's wait is its gate (roles/upgrade.py)
         server.shell(name="Wait until every service is healthy" +
                           (f" ({', '.join(changes.unsettled)} not yet)" if changes.unsettled else ""),
                      commands=[wait_healthy_command(settings.health_timeout_s)])

@@ -138,6 +138,19 @@ IMAGES: dict[str, dict] = {
 }
 
 
+# Stand-in "releases" of Dify's api image, to prove upgrades (tests/test_upgrade_vm.py): the same
+# layer with STANDIN_RELEASE set. 2 migrates the schema and serves; 3-broken migrates and then
+# fails its healthcheck. Loaded with the others, but no service uses them by default.
+RELEASES: dict[str, dict] = {
+    f"edgefit-test/dify-api-standin:{name}": {
+        **IMAGES["edgefit-test/dify-api-standin:1"],
+        "stands_for": f"langgenius/dify-api, a {'broken ' if 'broken' in name else ''}newer release - STAND-IN, not Dify",
+        "env": IMAGES["edgefit-test/dify-api-standin:1"]["env"] + [f"STANDIN_RELEASE={name}"],
+    }
+    for name in ("2", "3-broken")
+}
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """The directory holding the tarball: cache_dir itself when given, else
     ${EDGEFIT_CACHE:-$HOME/.cache/edgefit}/images."""
@@ -339,7 +352,7 @@ def build_images(cache_dir: str | os.PathLike | None = None, say=print) -> Path:
     diff_id, layer_size = write_layer(rootfs, layer)
     say(f"layer sha256:{diff_id} {layer_size / 2**20:.0f} MiB; compressing the archive")
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    ids = write_archive(layer, diff_id, out, created=created)
+    ids = write_archive(layer, diff_id, out, images={**IMAGES, **RELEASES}, created=created)
     seconds = time.monotonic() - t0
     by_service = {}
     for tag, spec in IMAGES.items():
@@ -370,7 +383,7 @@ def build_images(cache_dir: str | os.PathLike | None = None, say=print) -> Path:
                 "ports": spec["ports"],
                 "health": spec["health"],
             }
-            for tag, spec in IMAGES.items()
+            for tag, spec in {**IMAGES, **RELEASES}.items()
         },
     }
     info_path.write_text(json.dumps(info, indent=1) + "\n")

@@ -51,6 +51,11 @@ characters) answers 201 and marks the session (a cookie) validated, or 401 ``ini
 ``POST /console/api/setup`` answers 401 ``not_init_validated`` for a session that is not validated,
 403 ``already_setup`` once done, else 201. ``GET`` on both gives the status. The setup is kept in
 memory only (Dify keeps it in Postgres).
+Stand-in releases (``STANDIN_RELEASE``, set by the image's tag in tests/images/build.py), to prove
+edgefit's upgrades: ``1`` (the default) migrates nothing; any other release makes the api role
+migrate at start as Dify's api does (MIGRATION_ENABLED): it records the release in the table
+``standin_schema`` and adds the column ``icon`` to ``standin_apps``, before it serves. A release
+ending in ``-broken`` migrates the same way and then fails its health endpoint (503) for good.
 ``STANDIN_LISTEN`` / ``STANDIN_PORT`` override the address and port; ``STANDIN_CHECK_TIMEOUT``
 (default 5 s) bounds each DB/Redis probe, and the probes run in parallel.
 
@@ -444,8 +449,49 @@ def check_broker(env: dict[str, str]) -> dict | None:
     return _redis_ping(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout))
 
 
+def standin_release(env: dict[str, str]) -> str:
+    return env.get("STANDIN_RELEASE", "1").strip() or "1"
+
+
+def migration_statements(name: str) -> list[str]:
+    """The schema a stand-in release leaves, as Dify's migrations would: nothing for release 1."""
+    if name == "1":
+        return []
+    version = int(name.split("-", 1)[0])
+    return ["create table if not exists standin_schema (version integer not null)",
+            "create table if not exists standin_apps (name text not null)",
+            "alter table standin_apps add column if not exists icon text",
+            "delete from standin_schema",
+            f"insert into standin_schema values ({version})"]
+
+
+def migrate(env: dict[str, str], attempts: int = 60) -> None:
+    """Run this release's migration before serving (bounded: the database may still be starting)."""
+    statements = migration_statements(standin_release(env))
+    for attempt in range(attempts if statements else 0):
+        try:
+            conn = pg_connect(env)
+            try:
+                conn.autocommit = True
+                with conn.cursor() as cursor:
+                    for statement in statements:
+                        cursor.execute(statement)
+            finally:
+                conn.close()
+            print(f"dify-standin: migrated the schema to release {standin_release(env)}", file=sys.stderr, flush=True)
+            return
+        except Exception as exc:  # the database not up yet: try again, bounded
+            if attempt == attempts - 1:
+                print(f"dify-standin: migration failed: {exc}", file=sys.stderr, flush=True)
+            time.sleep(2)
+
+
 def health(role: str, env: dict[str, str]) -> tuple[int, dict]:
-    body: dict = {"status": "ok", "role": role, "standin": True, "pid": os.getpid()}
+    body: dict = {"status": "ok", "role": role, "standin": True, "pid": os.getpid(), "release": standin_release(env)}
+    if role == "api" and standin_release(env).endswith("-broken"):
+        print("dify-standin: this release fails after its migration (a broken stand-in release)",
+              file=sys.stderr, flush=True)
+        return 503, {**body, "status": "unhealthy", "error": "broken release"}
     checks_services = ROLES[role][3]
     if role == "plugin_daemon" and not env.get("DB_HOST"):
         checks_services = False
@@ -678,6 +724,8 @@ def serve(env: dict[str, str]) -> None:
     port = int(env.get("STANDIN_PORT", port))
     if int(env.get("ALLOCATE_MIB_AT_START", "0") or 0) > 0:
         allocate(int(env["ALLOCATE_MIB_AT_START"]))
+    if role == "api":
+        migrate(env)
     model = MemoryModel(role, env)
     model.start()  # the anonymous memory the real process holds once started
     if role == "worker":
