@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 from . import config
-from .proc import pid_alive, process_name, run, say, stop_pid, wait_until
+from .proc import pid_alive, process_cmdline, process_name, run, say, stop_pid, wait_until
 
 LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
 LIBVIRT_URI = "qemu:///system"
 DAEMONS = ("virtlogd", "libvirtd")  # start order; stopped in reverse
+REAPER_MODULE = "tests.vm.reaper"  # each daemon runs under one (see there why)
 
 
 def netns_exec(*cmd: str) -> list[str]:
@@ -82,7 +83,7 @@ def start() -> None:
         # In the foreground under tests/vm/reaper.py (see there why); --pid-file names it.
         with open(config.state_dir() / f"{name}.log", "ab") as log:
             subprocess.Popen(
-                netns_exec(sys.executable, "-m", "tests.vm.reaper", name, "--pid-file", str(pid_file)),
+                netns_exec(sys.executable, "-m", REAPER_MODULE, name, "--pid-file", str(pid_file)),
                 cwd=config.REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         wait_until(f"{name} pid file", pid_file.exists, timeout=config.DAEMON_START_TIMEOUT, interval=0.2)
@@ -122,6 +123,21 @@ def _wait_reaped(pid: int, name: str) -> None:
         say(f"{name} (pid {pid}) exited but is not reaped yet; going on (start() ignores zombies)")
 
 
+def _reapers() -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", config.NETNS], capture_output=True, text=True, timeout=30).stdout
+    return [int(pid) for pid in out.split() if REAPER_MODULE in process_cmdline(int(pid))]
+
+
+def _let_reapers_leave() -> None:
+    """A reaper exits by itself once its daemon (and anything the daemon left) has; one that
+    lingers past 10 s is killed."""
+    try:
+        wait_until("the daemons' reapers to exit", lambda: not _reapers(), timeout=10, interval=0.2)
+    except TimeoutError:
+        for pid in _reapers():
+            stop_pid(pid, name="reaper", cmdline_has=REAPER_MODULE, timeout=1)
+
+
 def stop() -> None:
     """Stops the daemons we started (by PID) and removes the namespace. Safe to call twice."""
     pids = _recorded_pids()
@@ -132,5 +148,6 @@ def stop() -> None:
             say(f"stopped {name} (pid {pids[name]})")
     _pids_file().unlink(missing_ok=True)
     if netns_exists():
+        _let_reapers_leave()
         run(["ip", "netns", "delete", config.NETNS], timeout=30)
         say(f"removed netns {config.NETNS}")
