@@ -1,67 +1,68 @@
-"""Telling our libvirtd from another one (no VM needed)."""
+"""Telling our libvirtd from another one (no VM needed).
+
+Each case runs in a fresh interpreter: the suite's own may be gevent-patched (pyinfra_cli), and
+gevent reaps every child at once, so no zombie could be held there."""
+import json
 import subprocess
 import sys
-import time
 
+from tests.vm import config
+
+CASES = r'''
+import ctypes, json, os, subprocess, sys, threading, time
 from tests.vm import netns
 from tests.vm.proc import process_name
 
-# Renames itself to "libvirtd" (PR_SET_NAME), says so, then sleeps or exits at once.
-NAMED_LIBVIRTD = """
-import ctypes, sys
-ctypes.CDLL(None).prctl(15, b"libvirtd", 0, 0, 0)
-print("named", flush=True)
-if sys.argv[1] == "sleep":
-    sys.stdin.read()
-"""
+NAMED = "import ctypes, sys\nctypes.CDLL(None).prctl(15, b'libvirtd', 0, 0, 0)\nprint('named', flush=True)\n" \
+        "sys.stdin.read() if sys.argv[1] == 'sleep' else None\n"
 
-
-def _named_process(mode: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", NAMED_LIBVIRTD, mode], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+def named(mode):
+    proc = subprocess.Popen([sys.executable, "-c", NAMED, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "named"
     return proc
 
-
-def _wait_zombie(pid: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
+def zombie():
+    proc = named("exit")  # not waited for: it stays a zombie of this process
+    for _ in range(200):
+        with open(f"/proc/{proc.pid}/stat") as f:
             if f.read().split(") ", 1)[1][0] == "Z":
-                return
+                return proc
         time.sleep(0.05)
-    raise AssertionError(f"pid {pid} did not become a zombie")
+    raise AssertionError("no zombie")
+
+out = {}
+if sys.argv[1] == "foreign":
+    dead, live = zombie(), named("sleep")
+    found = netns.foreign_libvirtd_pids()
+    out = {"zombie_named": process_name(dead.pid), "live_found": live.pid in found, "zombie_found": dead.pid in found}
+    live.stdin.close(); live.wait(10); dead.wait(10)
+elif sys.argv[1] == "reaped":
+    said = []
+    netns.say = said.append
+    dead = zombie()
+    reap_at = time.monotonic() + 0.5
+    threading.Thread(target=lambda: (time.sleep(max(0, reap_at - time.monotonic())), dead.wait(10)), daemon=True).start()
+    netns._wait_reaped(dead.pid, "libvirtd")
+    out = {"waited_until_reaped": time.monotonic() >= reap_at - 0.01, "gone": not os.path.exists(f"/proc/{dead.pid}"),
+           "said": said}
+print(json.dumps(out))
+'''
+
+
+def run_case(name: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", CASES, name], cwd=config.REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_a_libvirtd_that_has_exited_but_is_not_yet_reaped_is_not_another_libvirtd():
-    zombie = _named_process("exit")  # not waited for: it stays a zombie of this process
-    live = _named_process("sleep")
-    try:
-        _wait_zombie(zombie.pid)
-        assert process_name(zombie.pid) == "libvirtd"
-        found = netns.foreign_libvirtd_pids()
-        assert live.pid in found, "a running libvirtd that is not ours is found"
-        assert zombie.pid not in found, "an exited one waiting for its reaper is not"
-    finally:
-        live.stdin.close()
-        live.wait(timeout=10)
-        zombie.wait(timeout=10)
+    got = run_case("foreign")
+    assert got["zombie_named"] == "libvirtd"
+    assert got["live_found"], "a running libvirtd that is not ours is found"
+    assert not got["zombie_found"], "an exited one waiting for its reaper is not"
 
 
-def test_stop_waits_until_the_reaper_has_collected_the_daemon(monkeypatch, tmp_path):
-    said = []
-    monkeypatch.setattr(netns, "say", said.append)
-    proc = _named_process("exit")
-    _wait_zombie(proc.pid)
-    reaped_after = time.monotonic() + 0.5
-
-    def reap_later() -> None:
-        time.sleep(max(0.0, reaped_after - time.monotonic()))
-        proc.wait(timeout=10)
-
-    import threading
-
-    threading.Thread(target=reap_later, daemon=True).start()
-    netns._wait_reaped(proc.pid, "libvirtd")
-    assert time.monotonic() >= reaped_after - 0.01
-    assert not any("not reaped" in line for line in said)
+def test_stop_waits_until_the_reaper_has_collected_the_daemon():
+    got = run_case("reaped")
+    assert got == {"waited_until_reaped": True, "gone": True, "said": []}
