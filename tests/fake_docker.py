@@ -1,6 +1,6 @@
 """A stand-in for the `docker` command in verify's tests: answers ps, inspect, exec and events
 from the JSON state file named by its first argument (written by tests/fake_host.py)."""
-import json, os, sys, time
+import json, os, sys
 state_path = sys.argv[1]
 args = sys.argv[2:]
 state = json.load(open(state_path))
@@ -21,17 +21,11 @@ elif command == "inspect":
     views = state["containers"] if n == 0 else state.get("containers_end", state["containers"])
     print(json.dumps([c for c in views if c["Id"] in args[1:]]))
 elif command == "exec":
-    cid, rest = args[1], args[2:]
-    kind = {"sh": "redis", "psql": "psql", "python3": "python3"}[rest[0]]
-    time.sleep(state.get("exec_sleep_kind", {}).get(kind, state.get("exec_sleep", 0)))
-    answer = state["exec"].get(cid, {}).get(kind)
-    if answer is None:
-        print("OCI runtime exec failed: executable file not found", file=sys.stderr)
-        sys.exit(126)
-    if kind == "redis" and "CONFIG" not in rest[-1]:
-        answer = answer.split("@@INFO@@", 1)[-1]
-        answer = "@@INFO@@" + state.get("redis_info_end", {}).get(cid, answer)
-    print(answer)
+    from fake_exec import exec_answer  # beside this file
+    code, out, err = exec_answer(state, args[1], args[2:])
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    sys.exit(code)
 elif command == "images":  # --digests --format "{{.Repository}}:{{.Tag}} {{.Repository}}@{{.Digest}}"
     for image in state.get("images", []):
         repository, _, tag = image["tag"].rpartition(":")

@@ -1,8 +1,11 @@
 """A stand-in for the Docker daemon's API on a unix socket, for the sampler's socket transport:
-GET /containers/json, /containers/{id}/json and /events, answered from the same JSON state file
-tests/fake_docker.py reads (written by tests/fake_host.py). Counts the requests it served."""
+GET /containers/json, /containers/{id}/json, /images/json and /events, and exec (POST
+/containers/{id}/exec, POST /exec/{id}/start with docker's multiplexed stream, GET
+/exec/{id}/json), answered from the same JSON state file tests/fake_docker.py reads (written by
+tests/fake_host.py). Counts the requests it served."""
 from __future__ import annotations
 
+import itertools
 import json
 import socketserver
 import threading
@@ -11,11 +14,15 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+from tests.fake_exec import exec_answer
+
 
 class FakeDockerAPI:
     def __init__(self, socket_path: Path, state_path: Path):
         self.socket_path, self.state_path = socket_path, state_path
         self.requests: list[str] = []
+        self.execs: dict[str, dict] = {}
+        self.exec_ids = itertools.count(1)
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,6 +50,10 @@ class FakeDockerAPI:
                     views = state["containers"] if inspects == 1 else state.get("containers_end", state["containers"])
                     match = [c for c in views if c["Id"] == container_id]
                     return self.reply(200, match[0]) if match else self.reply(404, {"message": "No such container"})
+                if url.path.startswith("/exec/") and url.path.endswith("/json"):
+                    run = api.execs.get(url.path.split("/")[2])
+                    return self.reply(200, {"ExitCode": run["code"], "Running": run["code"] is None}) if run \
+                        else self.reply(404, {"message": "No such exec instance"})
                 if url.path == "/images/json":
                     return self.reply(200, [{"RepoTags": [image["tag"]],
                                              "RepoDigests": [f"{image['tag'].rpartition(':')[0]}@{image['digest']}"]
@@ -50,6 +61,31 @@ class FakeDockerAPI:
                 if url.path == "/events":
                     body = "".join(json.dumps(event) + "\n" for event in state.get("events", []))
                     return self.reply(200, body)
+                return self.reply(404, {"message": "page not found"})
+
+            def do_POST(self):
+                url = urllib.parse.urlparse(self.path)
+                api.requests.append(f"POST {url.path}")
+                state = json.loads(api.state_path.read_text())
+                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                parts = url.path.strip("/").split("/")
+                if parts[0] == "containers" and parts[-1] == "exec":
+                    if not any(c["Id"] == parts[1] for c in state["containers"]):
+                        return self.reply(404, {"message": f"No such container: {parts[1]}"})
+                    exec_id = f"exec{next(api.exec_ids)}"
+                    api.execs[exec_id] = {"container": parts[1], "argv": payload["Cmd"], "code": None}
+                    return self.reply(201, {"Id": exec_id})
+                if parts[0] == "exec" and parts[-1] == "start" and parts[1] in api.execs:
+                    run = api.execs[parts[1]]
+                    code, out, err = exec_answer(state, run["container"], run["argv"])
+                    run["code"] = code
+                    stream = b"".join(bytes([kind, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+                                      for kind, data in ((1, out.encode()), (2, err.encode())) if data)
+                    # as dockerd: the connection is hijacked, the stream has no length, then it closes
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.raw-stream\r\n\r\n"
+                                     + stream)
+                    self.close_connection = True
+                    return None
                 return self.reply(404, {"message": "page not found"})
 
             def reply(self, status: int, payload) -> None:

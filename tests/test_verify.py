@@ -480,13 +480,19 @@ def test_through_the_docker_socket_the_sampler_sees_what_the_cli_shows(fake, tmp
     through_cli = judge.evaluate(fake.sample(), fake.expected)
     socket_path = tmp_path / "docker.sock"
     fake.save()
+    args = fake.sampler_args(docker_socket=str(socket_path))
+    args[args.index("--docker") + 1] = "false"  # no docker CLI at all: every call, exec too, goes to the API
     with FakeDockerAPI(socket_path, fake.state_path) as api:
-        samples = sampler.Sampler(sampler.parse_args(fake.sampler_args(docker_socket=str(socket_path)))).main()
+        samples = sampler.Sampler(sampler.parse_args(args)).main()
     through_socket = judge.evaluate(samples, fake.expected)
-    assert samples["docker"]["via"] == "socket"
+    assert samples["docker"]["via"] == "socket" and samples["errors"] == []
     assert api.requests.count("/containers/json") == 1 and "/events" in api.requests
-    assert sum(1 for path in api.requests if path.endswith("/json") and path != "/containers/json") == \
-        2 * len(fake.state["containers"])  # inspected at the window's start and at its end
+    assert sum(1 for path in api.requests if path.startswith("/containers/") and path.endswith("/json")
+               and path != "/containers/json") == 2 * len(fake.state["containers"])  # at the window's start and end
+    db_id = fake.container("db")["Id"]
+    assert f"POST /containers/{db_id}/exec" in api.requests
+    assert "shared_buffers" in samples["checks"]["postgres"]["settings"], samples["checks"]["postgres"]
+    assert samples["checks"]["gc"]["api"]["threshold"], samples["checks"]["gc"]
     assert through_socket["verdict"] == through_cli["verdict"] == "fail"
     assert [f["message"] for f in fails(through_socket)] == [f["message"] for f in fails(through_cli)]
     assert [r["state"] for r in through_socket["rows"]] == [r["state"] for r in through_cli["rows"]]
@@ -586,3 +592,22 @@ def test_an_inspect_through_the_cli_that_fails_leaves_every_listed_service_not_c
     report = judge.evaluate(samples, fake.expected)
     assert not fails(report, "missing") and report["verdict"] == "incomplete"
     assert {r["state"] for r in report["rows"]} == {"not checked"}
+
+
+def test_an_exec_through_the_socket_is_bounded_and_its_failures_are_named(fake, tmp_path):
+    from tests.fake_docker_api import FakeDockerAPI
+
+    fake.state["exec_sleep_kind"] = {"psql": 10.0}  # Postgres hangs
+    fake.exec_answers("api").pop("python3")  # the api image has no python3 to ask
+    fake.save()
+    started = time.monotonic()
+    with FakeDockerAPI(tmp_path / "docker.sock", fake.state_path):
+        samples = sampler.Sampler(sampler.parse_args(
+            fake.sampler_args(docker_socket=str(tmp_path / "docker.sock"), exec_timeout=2.0))).main()
+    elapsed = time.monotonic() - started
+    exec_timeout = samples["docker"]["exec_timeout_s"]
+    assert elapsed < 0.3 + exec_timeout + sampler.JOIN_SLACK_S + 2.0, elapsed
+    assert samples["checks"]["postgres"]["error"].startswith("timed out"), samples["checks"]["postgres"]
+    assert "executable file not found" in samples["checks"]["gc"]["api"]["error"], samples["checks"]["gc"]
+    # the worker's check comes after Postgres in its lane: not run, and said so
+    assert samples["checks"]["gc"]["worker"]["error"] == "not run: no time left in the window"
