@@ -627,31 +627,20 @@ class ServiceChecks:
         return {"threshold": out.strip()}
 
 
-class Sampler:
-    """One run: the containers, their memory and CPU over the window, the checks, the events."""
+class ContainerMemory:
+    """Memory and CPU of one container: its cgroup's files, or psutil over its processes where those cannot be read."""
 
-    def __init__(self, args):
-        self.args = args
-        self.errors: list[str] = []
-        use_socket = bool(args.docker_socket) and os.access(args.docker_socket, os.R_OK | os.W_OK)
-        self.docker = (DockerSocket if use_socket else Docker)(args, self.errors)
-        self.service_checks = ServiceChecks(self.docker)
-        self.result: dict = {"schema": SCHEMA, "errors": self.errors}
-        self.containers: dict[str, dict] = {}  # id -> record
-        self.checks: dict = {"redis": {}, "postgres": None, "gc": {}}
-        self.check_deadline = 0.0  # monotonic; set by start_checks, moved by the host's pace
-        self._end_views: list[dict] | None = None
-        self._events: list[dict] | None = None
-        self._psutil = None
+    def __init__(self):
+        self.psutil = None  # the optional psutil module (Debian: python3-psutil)
         try:
             import psutil  # noqa: PLC0415 - optional
-            self._psutil = psutil
+            self.psutil = psutil
         except ImportError:
             pass
 
-    # -- memory and CPU of one container
     def processes(self, pid: int) -> list:
-        psutil = self._psutil
+        """The container's main process and all its descendants, as psutil sees them ([] without psutil)."""
+        psutil = self.psutil
         if psutil is None or not pid:
             return []
         try:
@@ -660,7 +649,8 @@ class Sampler:
         except (psutil.Error, OSError):
             return []
 
-    def sample_container(self, record: dict) -> dict | None:
+    def sample(self, record: dict) -> dict | None:
+        """One sample of the container's memory and CPU: from its cgroup, else summed over its processes."""
         directory = record.get("cgroup")
         if directory:
             current = read_value(os.path.join(directory, "memory.current"))
@@ -670,8 +660,8 @@ class Sampler:
                 sample = {"current": current, "cpu_usec": cpu.get("usage_usec")}
                 sample.update({key: stat[key] for key in STAT_KEYS if key in stat})
                 return sample
-        if self._psutil is not None and record["start"].get("pid"):
-            psutil = self._psutil
+        if self.psutil is not None and record["start"].get("pid"):
+            psutil = self.psutil
             rss = shared = cpu_s = 0
             alive = 0
             for process in self.processes(record["start"]["pid"]):
@@ -692,6 +682,7 @@ class Sampler:
         return None
 
     def cgroup_snapshot(self, record: dict) -> dict:
+        """The container's limits, peak and memory events as its cgroup has them now ({} without one)."""
         directory = record.get("cgroup")
         if not directory:
             return {}
@@ -703,17 +694,28 @@ class Sampler:
             "cpu_max": (read_text(os.path.join(directory, "cpu.max")) or "").strip() or None,
         }
 
-    def start_checks(self, deadline: float, cap: float) -> list[threading.Thread]:
-        """The checks, from the window's start until deadline (the window plus one exec timeout).
-        Redis is asked directly (no exec) in a lane of its own; the docker exec checks share
-        EXEC_LANES lanes, Postgres first: all at once they were a burst of runc starts that, on a
-        2-core host, made every one of them late together (and the stack's own healthchecks with
-        them); one at a time, four execs of ~5 s each did not fit a short window. In each lane a
-        check gets whatever time is left. An exec that answered after d seconds moves the deadline to at
-        least d x EXEC_PACE_FACTOR from its end (never past cap): the host showed its pace, and
-        the next exec gets the time that pace needs (the worker's GC check after a Postgres exec
-        of 10 s, right after a recreate on the slow host, once got 5.7 s and timed out)."""
-        self.check_deadline = deadline
+
+class CheckLanes:
+    """The checks, from the window's start until deadline (the window plus one exec timeout).
+    Redis is asked directly (no exec) in a lane of its own; the docker exec checks share
+    EXEC_LANES lanes, Postgres first: all at once they were a burst of runc starts that, on a
+    2-core host, made every one of them late together (and the stack's own healthchecks with
+    them); one at a time, four execs of ~5 s each did not fit a short window. In each lane a
+    check gets whatever time is left. An exec that answered after d seconds moves the deadline to at
+    least d x EXEC_PACE_FACTOR from its end (never past cap): the host showed its pace, and
+    the next exec gets the time that pace needs (the worker's GC check after a Postgres exec
+    of 10 s, right after a recreate on the slow host, once got 5.7 s and timed out)."""
+
+    def __init__(self, service_checks: ServiceChecks, kinds: set[str], containers: dict[str, dict], keep):
+        self.service_checks = service_checks
+        self.kinds = kinds  # --checks: which kinds to run
+        self.containers = containers  # id -> record, as the run fills it
+        self.keep = keep  # keep(key, value): where each answer goes as it comes
+        self.deadline = 0.0  # monotonic; set by runners, moved by the host's pace
+        self.cap = 0.0  # monotonic; the pace never moves the deadline past it
+
+    def lanes(self) -> list[list]:
+        """The (key, job) pairs of each lane: Redis in its own, the exec checks dealt over EXEC_LANES."""
         lanes: dict[str, list] = {}
         execs = 0
         by_kind = sorted(
@@ -723,7 +725,7 @@ class Sampler:
         for record in by_kind:
             service = record["start"]["service"]
             kind = "redis" if service in REDIS_SERVICES else "postgres" if service == POSTGRES_SERVICE else "gc"
-            if kind not in self.args.checks or (kind == "gc" and service not in GC_SERVICES):
+            if kind not in self.kinds or (kind == "gc" and service not in GC_SERVICES):
                 continue
             if kind == "redis":
                 lane = "redis"
@@ -734,19 +736,51 @@ class Sampler:
                        if kind == "postgres" else
                        (("gc", service), lambda t, r=record: self.service_checks.gc_check(r, t)))
             lanes.setdefault(lane, []).append(job)
+        return list(lanes.values())
 
-        def in_turn(jobs):
-            for key, job in jobs:
-                started = time.monotonic()
-                left = self.check_deadline - started
-                value = job(left) if left >= 1.0 else {"error": "not run: no time left in the window"}
-                if left >= 1.0 and key[0] != "redis" and not (isinstance(value, dict) and value.get("error")):
-                    ended = time.monotonic()
-                    self.check_deadline = min(cap, max(self.check_deadline, ended + EXEC_PACE_FACTOR * (ended - started)))
-                self._keep(key, value)
-        return [self._thread(("checks", None), lambda jobs=jobs: in_turn(jobs)) for jobs in lanes.values()]
+    def runners(self, deadline: float, cap: float) -> list:
+        """One callable per lane, to run in a thread of its own, with the deadline and cap set."""
+        self.deadline, self.cap = deadline, cap
+        return [lambda jobs=jobs: self.in_turn(jobs) for jobs in self.lanes()]
+
+    def in_turn(self, jobs: list) -> None:
+        """One lane's checks one after another, each given the time left; an exec's answer sets the pace."""
+        for key, job in jobs:
+            started = time.monotonic()
+            left = self.deadline - started
+            value = job(left) if left >= 1.0 else {"error": "not run: no time left in the window"}
+            if left >= 1.0 and key[0] != "redis" and not (isinstance(value, dict) and value.get("error")):
+                ended = time.monotonic()
+                self.deadline = min(self.cap, max(self.deadline, ended + EXEC_PACE_FACTOR * (ended - started)))
+            self.keep(key, value)
+
+
+class Sampler:
+    """One run: the containers, their memory and CPU over the window, the checks, the events."""
+
+    def __init__(self, args):
+        self.args = args
+        self.errors: list[str] = []
+        use_socket = bool(args.docker_socket) and os.access(args.docker_socket, os.R_OK | os.W_OK)
+        self.docker = (DockerSocket if use_socket else Docker)(args, self.errors)
+        self.service_checks = ServiceChecks(self.docker)
+        self.memory = ContainerMemory()
+        self.result: dict = {"schema": SCHEMA, "errors": self.errors}
+        self.containers: dict[str, dict] = {}  # id -> record
+        self.checks: dict = {"redis": {}, "postgres": None, "gc": {}}
+        self.lanes = CheckLanes(self.service_checks, args.checks, self.containers, self._keep)
+        self.began = 0.0  # monotonic, at the run's start
+        self.wall_start = 0.0  # time.time(), at the run's start
+        self._end_views: list[dict] | None = None
+        self._events: list[dict] | None = None
+
+    # -- the checks and the other calls that run beside the window
+    def start_checks(self, deadline: float, cap: float) -> list[threading.Thread]:
+        """The checks in their lanes (CheckLanes), until deadline, which the host's pace may move up to cap."""
+        return [self._thread(("checks", None), runner) for runner in self.lanes.runners(deadline, cap)]
 
     def _thread(self, key, job) -> threading.Thread:
+        """job() in a daemon thread, started; its answer (or its exception's) is kept under key."""
         def target():
             try:
                 value = job()
@@ -759,6 +793,7 @@ class Sampler:
         return thread
 
     def _keep(self, key, value) -> None:
+        """Keeps one call's answer where the result wants it, by its key (kind, name)."""
         kind, name = key
         if kind == "inspect_end":
             self._end_views = value if isinstance(value, list) else []
@@ -775,24 +810,54 @@ class Sampler:
                 value = {**value, **earlier}
             self.checks[kind][name] = value
 
-    # -- the run
+    def start_end_calls(self, lead: float, exec_timeout: float, wall_end: float) -> list[threading.Thread]:
+        """The calls about the window's end, started: Redis's counters, and the events until wall_end."""
+        args = self.args
+        threads: list[threading.Thread] = []
+        for record in self.containers.values():
+            if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES and "redis" in args.checks:
+                threads.append(self._thread(("redis_end", record["start"]["service"]),
+                                            lambda r=record: self.service_checks.redis_check(
+                                                r, False, lead + exec_timeout)))
+        if "events" in args.checks:
+            threads.append(self._thread(("events", None),
+                                        lambda: self.docker.events(wall_end - args.events_since, wall_end)))
+        return threads
+
+    # -- samples
     def host_sample(self, t: float) -> dict:
+        """The host's memory at t seconds into the run."""
         return {"t": round(t, 2), "meminfo_kib": read_meminfo(self.args.proc_root)}
 
     def take_sample(self, t: float) -> None:
+        """One sample of the host and of every container, at t seconds into the run."""
         self.result["host"]["samples"].append(self.host_sample(t))
         for record in self.containers.values():
-            sample = self.sample_container(record)
+            sample = self.memory.sample(record)
             if sample is not None:
                 sample["t"] = round(t, 2)
                 record["samples"].append(sample)
 
+    # -- the run, step by step
     def main(self) -> dict:
+        """The run: begin (header, containers), the checks, the window's samples, its end, the joins, the result."""
+        if not self.begin():  # docker does not answer: nothing to watch
+            self.result.update({"containers": [], "checks": self.checks, "events": [], "files": {}})
+            return self.stamp_end()
+        self.take_sample(0.0)
+        exec_timeout = self.docker.exec_timeout
+        window_end = self.began + self.args.window
+        threads = self.start_checks(window_end + exec_timeout, window_end + max(exec_timeout, MAX_EXEC_TIMEOUT))
+        threads += self.sample_window(exec_timeout)
+        threads += self.end_of_window()
+        self.wait_for(threads, exec_timeout)
+        return self.collect()
+
+    def header(self) -> dict:
+        """What the result says first: when, the window, the stack, the host as the run starts."""
         args = self.args
-        began = time.monotonic()
-        wall_start = time.time()
-        self.result.update({
-            "started": wall_start, "window_s": args.window, "interval_s": args.interval,
+        return {
+            "started": self.wall_start, "window_s": args.window, "interval_s": args.interval,
             "events_since_s": args.events_since,
             "project": args.project,
             "stack": {"dir": args.stack_dir,
@@ -801,84 +866,92 @@ class Sampler:
                      "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                      "psi_start": read_psi(os.path.join(args.proc_root, "pressure", "memory")),
                      "samples": []},
-            "psutil": self._psutil is not None,
-        })
+            "psutil": self.memory.psutil is not None,
+        }
+
+    def begin(self) -> bool:
+        """The run's start: the header, then a record per container found; False when docker does not answer."""
+        args = self.args
+        self.began = time.monotonic()
+        self.wall_start = time.time()
+        self.result.update(self.header())
         found = self.docker.list_containers()
         self.result["docker"] = self.docker.status
         self.result["uninspected"] = self.docker.uninspected
         if args.images and found is not None:
             self.result["images"] = self.docker.images()
-        if found is None:  # docker does not answer: nothing to watch
-            self.result.update({"containers": [], "checks": self.checks, "events": [], "files": {},
-                                "ended": time.time(), "elapsed_s": round(time.monotonic() - began, 2)})
-            return self.result
+        if found is None:
+            return False
         for view in found or []:
             record = {"id": view["id"], "start": view, "samples": [], "source": "cgroup"}
             record["cgroup"] = cgroup_dir(view["pid"], view["id"], args.cgroup_root, args.proc_root) \
                 if view["running"] else None
             if view["running"] and not record["cgroup"]:
-                record["source"] = "psutil" if self._psutil else "none"
-            record["cgroup_start"] = self.cgroup_snapshot(record)
+                record["source"] = "psutil" if self.memory.psutil else "none"
+            record["cgroup_start"] = self.memory.cgroup_snapshot(record)
             self.containers[view["id"]] = record
+        return True
 
-        self.take_sample(0.0)
-        exec_timeout = self.docker.exec_timeout
-        cap = began + args.window + max(exec_timeout, MAX_EXEC_TIMEOUT)
-        threads = self.start_checks(began + args.window + exec_timeout, cap)
+    def sample_window(self, exec_timeout: float) -> list[threading.Thread]:
+        """The window's samples, one per interval; returns the end-of-window calls, started shortly before its end."""
+        args, began = self.args, self.began
         samples = max(1, int(round(args.window / args.interval)))
         # docker calls are slow on a loaded host (seconds each under emulation), so the calls
         # about the window's end start shortly before it: `docker events --until` streams
         # until that moment and then returns, and Redis's counters are read just before it.
-        wall_end = wall_start + args.window
+        wall_end = self.wall_start + args.window
         lead = min(END_CALLS_LEAD_S, args.window / 4)
         end_threads: list[threading.Thread] = []
-
-        def start_end_calls() -> None:
-            for record in self.containers.values():
-                if record["start"]["running"] and record["start"]["service"] in REDIS_SERVICES and "redis" in args.checks:
-                    end_threads.append(self._thread(("redis_end", record["start"]["service"]),
-                                                    lambda r=record: self.service_checks.redis_check(
-                                                        r, False, lead + exec_timeout)))
-            if "events" in args.checks:
-                end_threads.append(self._thread(("events", None),
-                                                lambda: self.docker.events(wall_end - args.events_since, wall_end)))
-
         for index in range(1, samples + 1):
             target = began + index * args.window / samples
             if not end_threads and target - lead <= time.monotonic() + args.window / samples:
                 time.sleep(max(0.0, target - lead - time.monotonic()))
-                start_end_calls()
+                end_threads = self.start_end_calls(lead, exec_timeout, wall_end)
             time.sleep(max(0.0, target - time.monotonic()))
             self.take_sample(time.monotonic() - began)
         if not end_threads:
-            start_end_calls()
+            end_threads = self.start_end_calls(lead, exec_timeout, wall_end)
+        return end_threads
 
+    def end_of_window(self) -> list[threading.Thread]:
+        """The window's end: the containers' inspect (started), their cgroups, the host's pressure, the files."""
         # End of the window: restart counts and states as they are now. These docker calls run at
         # once, so the run ends at most one exec timeout after the window.
-        end_threads.append(self._thread(("inspect_end", None), lambda: self.docker.inspect(list(self.containers))))
+        inspect = self._thread(("inspect_end", None), lambda: self.docker.inspect(list(self.containers)))
         for record in self.containers.values():
-            record["cgroup_end"] = self.cgroup_snapshot(record)
-        self.result["host"]["psi_end"] = read_psi(os.path.join(args.proc_root, "pressure", "memory"))
-        self.result["files"] = {path: sha256_file(path) for path in args.hash}
+            record["cgroup_end"] = self.memory.cgroup_snapshot(record)
+        self.result["host"]["psi_end"] = read_psi(os.path.join(self.args.proc_root, "pressure", "memory"))
+        self.result["files"] = {path: sha256_file(path) for path in self.args.hash}
+        return [inspect]
+
+    def wait_for(self, waiting: list[threading.Thread], exec_timeout: float) -> None:
+        """Joins the calls until one exec timeout from now or the checks' deadline, whichever is later (plus slack)."""
         end_deadline = time.monotonic() + exec_timeout
-        waiting = threads + end_threads
         while any(thread.is_alive() for thread in waiting):
-            left = max(end_deadline, self.check_deadline) + JOIN_SLACK_S - time.monotonic()
+            left = max(end_deadline, self.lanes.deadline) + JOIN_SLACK_S - time.monotonic()
             if left <= 0:
                 break
             next(thread for thread in waiting if thread.is_alive()).join(min(left, 0.5))
         # what the checks were given in the end: the window plus this (the host's pace)
-        self.docker.status["exec_timeout_s"] = round(max(exec_timeout, self.check_deadline - began - args.window), 1)
+        self.docker.status["exec_timeout_s"] = round(
+            max(exec_timeout, self.lanes.deadline - self.began - self.args.window), 1)
         if any(thread.is_alive() for thread in waiting):
             self.errors.append(f"some docker calls did not answer within {exec_timeout:g}s")
+
+    def collect(self) -> dict:
+        """The result: each container's end view, the events, the checks, the containers, the run's end."""
         ends = {view["id"]: view for view in self._end_views or []}
         for container_id, record in self.containers.items():
             record["end"] = ends.get(container_id)
         self.result["events"] = self._events or []
         self.result["checks"] = self.checks
         self.result["containers"] = list(self.containers.values())
+        return self.stamp_end()
+
+    def stamp_end(self) -> dict:
+        """The result, stamped with the run's end and its length."""
         self.result["ended"] = time.time()
-        self.result["elapsed_s"] = round(time.monotonic() - began, 2)
+        self.result["elapsed_s"] = round(time.monotonic() - self.began, 2)
         return self.result
 
 
