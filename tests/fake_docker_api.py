@@ -9,7 +9,6 @@ import itertools
 import json
 import socketserver
 import threading
-import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -21,6 +20,7 @@ class FakeDockerAPI:
     def __init__(self, socket_path: Path, state_path: Path):
         self.socket_path, self.state_path = socket_path, state_path
         self.requests: list[str] = []
+        self.closing = threading.Event()  # set on exit: ends the delays and hangs it plays
         self.execs: dict[str, dict] = {}
         self.exec_ids = itertools.count(1)
         api = self
@@ -46,7 +46,7 @@ class FakeDockerAPI:
                     inspects = sum(1 for p in api.requests if p == url.path)
                     if inspects <= state.get("inspect_delayed_times", 1) and \
                             container_id in state.get("inspect_first_delay", {}):
-                        time.sleep(state["inspect_first_delay"][container_id])  # busy: restarting
+                        api.closing.wait(state["inspect_first_delay"][container_id])  # busy: restarting
                     views = state["containers"] if inspects == 1 else state.get("containers_end", state["containers"])
                     match = [c for c in views if c["Id"] == container_id]
                     return self.reply(200, match[0]) if match else self.reply(404, {"message": "No such container"})
@@ -77,7 +77,7 @@ class FakeDockerAPI:
                     return self.reply(201, {"Id": exec_id})
                 if parts[0] == "exec" and parts[-1] == "start" and parts[1] in api.execs:
                     run = api.execs[parts[1]]
-                    code, out, err = exec_answer(state, run["container"], run["argv"])
+                    code, out, err = exec_answer(state, run["container"], run["argv"], sleep=api.closing.wait)
                     run["code"] = code
                     stream = b"".join(bytes([kind, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
                                       for kind, data in ((1, out.encode()), (2, err.encode())) if data)
@@ -100,7 +100,10 @@ class FakeDockerAPI:
                     pass  # the sampler gave up waiting (a delayed inspect): as dockerd, answer no one
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-            daemon_threads = True
+            # server_close() joins every handler: no thread of this fake outlives its test (one
+            # left sleeping in a hanging exec broke a later test's gevent patching of threading)
+            daemon_threads = False
+            block_on_close = True
 
         self.server = Server(str(socket_path), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -110,5 +113,6 @@ class FakeDockerAPI:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()

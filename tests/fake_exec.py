@@ -5,9 +5,10 @@ import time
 KINDS = {"sh": "redis", "psql": "psql", "python3": "python3"}
 
 
-def exec_answer(state: dict, container_id: str, argv: list[str]) -> tuple[int, str, str]:
+def exec_answer(state: dict, container_id: str, argv: list[str], sleep=time.sleep) -> tuple[int, str, str]:
+    """sleep: how to wait out a hanging exec (the API fake passes one its shutdown interrupts)."""
     kind = KINDS[argv[0]]
-    time.sleep(state.get("exec_sleep_kind", {}).get(kind, state.get("exec_sleep", 0)))
+    sleep(state.get("exec_sleep_kind", {}).get(kind, state.get("exec_sleep", 0)))
     answer = state["exec"].get(container_id, {}).get(kind)
     if answer is None:
         return 126, "", "OCI runtime exec failed: executable file not found\n"
