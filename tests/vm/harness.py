@@ -269,10 +269,22 @@ def destroy(names: Iterable[str]) -> None:
             with phase(f"vagrant destroy {' '.join(names)}"):
                 vagrant("destroy", "--force", *names, timeout=config.VAGRANT_DESTROY_TIMEOUT)
         _stop_forwarders({n: e for n, e in hosts.items() if n in names})
+        _forget_host_keys([e for n, e in hosts.items() if n in names])
         remaining = {n: e for n, e in hosts.items() if n not in names}
         _write_hosts(remaining)
         if not remaining:
             _down()
+
+
+def _forget_host_keys(entries: list[dict]) -> None:
+    """A host booted again gets a new host key; should it get the same forwarded port too, pyinfra
+    (paramiko) would refuse the changed key. Its old line goes with it."""
+    known_hosts = config.state_dir() / "known_hosts"
+    if not known_hosts.exists():
+        return
+    for entry in entries:
+        subprocess.run(["ssh-keygen", "-R", f"[{entry['ssh_hostname']}]:{entry['ssh_port']}", "-f", str(known_hosts)],
+                       capture_output=True, timeout=30)
 
 
 def qemu_processes(name: str) -> list[int]:
