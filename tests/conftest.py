@@ -21,11 +21,14 @@ pytest_plugins = ["tests.vm.fixtures", "tests.vm_deploy"]  # vm_deploy: deployed
 
 def pytest_collection_modifyitems(items):
     """Fast tests first, then the VM smoke test (does the harness work at all? It starts from a
-    fresh edge-small and ends by destroying it), then the other VM tests."""
+    fresh edge-small), then the other VM tests on the same hosts, and last the destroy of every
+    host the session booted (a boot and a teardown fewer than destroying the smoke host first)."""
     def tier(item):
         if not item.get_closest_marker("vm"):
             return 0
-        return 1 if item.path.name == "test_vm_smoke.py" else 2
+        if item.path.name == "test_vm_smoke.py":
+            return 3 if item.name == "test_destroy_leaves_nothing_behind" else 1
+        return 2
 
     items.sort(key=tier)  # stable: the order within each tier stays as collected
 

@@ -127,14 +127,19 @@ def test_second_disk_is_there_and_unformatted(host):
     assert root_source != host["data_disk"]
 
 
-def test_destroy_leaves_nothing_behind(host, vm_hosts):
-    if host.name not in vm_hosts.booted_here:
-        pytest.skip(f"{host.name} was up before this session (scripts/vm up); not destroying someone's host")
-    vm_hosts.destroy(host.name)
-    assert harness.leftovers([host.name]) == []
-    assert harness.qemu_processes(host.name) == []
-    if not harness.read_hosts():  # nothing else up: the daemons and the namespace are gone too
+def test_destroy_leaves_nothing_behind(vm_hosts):
+    """The session's last test (tests/conftest.py orders it): every host this session booted is
+    destroyed, and nothing of them (domains, volumes, QEMU) remains; with nothing else up, the
+    daemons and the namespace are gone too."""
+    mine = sorted(vm_hosts.booted_here)
+    if not mine:
+        pytest.skip("every test host was up before this session (scripts/vm up); not destroying someone's host")
+    vm_hosts.destroy(*mine)
+    assert harness.leftovers(mine) == []
+    assert all(harness.qemu_processes(name) == [] for name in mine)
+    if not harness.read_hosts():
         from tests.vm import netns
 
         assert not netns.netns_exists()
         assert netns.daemons_running() == {}
+        assert netns.foreign_libvirtd_pids() == [], "a libvirtd of ours outlived the teardown"
