@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.vm_deploy import REPO, containers, deployed_stack  # noqa: F401  (fixture)
+from tests.vm_deploy import REPO, containers
 
 pytestmark = pytest.mark.vm
 

@@ -2,7 +2,8 @@
 
 `deployed_stack` (session scope) boots edge-small and edge-medium, builds the test images, and
 runs `pyinfra -y --json inventory/vagrant.py deploy.py` once for both (pyinfra runs the hosts
-in parallel). Tests that use it import it: `from tests.vm_deploy import deployed_stack`.
+in parallel). tests/conftest.py loads it as a plugin: importing the fixture into a test module would
+make a second, module-level fixture and a second deploy.
 """
 
 from __future__ import annotations
