@@ -474,12 +474,11 @@ class DockerSocket(Docker):
         for _ in range(20):  # the exit code is set a moment after the stream ends
             status, body, error = self._get(f"/exec/{exec_id}/json", {}, max(1.0, left()))
             try:
-                code = json.loads(body).get("ExitCode") if status == 200 else None
-                running = json.loads(body).get("Running") if status == 200 else False
+                state = json.loads(body) if status == 200 else {}
+                if state.get("ExitCode") is not None and not state.get("Running"):
+                    return state["ExitCode"], out, err
             except (ValueError, AttributeError):
-                code, running = None, False
-            if code is not None and not running:
-                return code, out, err
+                pass
             if status != 200 or left() <= 0:
                 break
             time.sleep(0.05)

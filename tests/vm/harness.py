@@ -230,8 +230,7 @@ def _stop_leftovers_in_netns() -> None:
     if not netns.netns_exists():
         return
     daemons = set(netns.daemons_running().values())
-    out = subprocess.run(["ip", "netns", "pids", config.NETNS], capture_output=True, text=True, timeout=30).stdout
-    for pid in (int(p) for p in out.split()):
+    for pid in netns.pids_inside():
         # The daemons' reapers (tests/vm/reaper.py) ignore SIGTERM and leave once their daemon has
         # exited; killed first, they left the daemon a zombie of PID 1 (and 15 s were lost each).
         if pid not in daemons and netns.REAPER_MODULE not in process_cmdline(pid):

@@ -123,9 +123,14 @@ def _wait_reaped(pid: int, name: str) -> None:
         say(f"{name} (pid {pid}) exited but is not reaped yet; going on (start() ignores zombies)")
 
 
-def _reapers() -> list[int]:
+def pids_inside() -> list[int]:
+    """Every process in our namespace."""
     out = subprocess.run(["ip", "netns", "pids", config.NETNS], capture_output=True, text=True, timeout=30).stdout
-    return [int(pid) for pid in out.split() if REAPER_MODULE in process_cmdline(int(pid))]
+    return [int(pid) for pid in out.split()]
+
+
+def _reapers() -> list[int]:
+    return [pid for pid in pids_inside() if REAPER_MODULE in process_cmdline(pid)]
 
 
 def _let_reapers_leave() -> None:
