@@ -241,6 +241,41 @@ HEALTHCHECKS = {
 }
 
 
+
+@dataclass(frozen=True)
+class Privileges:
+    """What a container may do beyond its own files (compose cap_drop / cap_add, security_opt)."""
+
+    cap_drop: tuple[str, ...]
+    cap_add: tuple[str, ...] = ()
+    no_new_privileges: bool = True  # no setuid binary or file capability can raise a process' rights
+
+
+# Every container runs with no-new-privileges: each of these images drops root with a setuid()
+# call of its own (gosu/setpriv in the Postgres and Redis entrypoints, nginx's and squid's
+# masters, the sandbox's runner), which the flag does not stop; it stops setuid binaries only.
+# The servers whose official entrypoints are known start from no capability at all and get back
+# only what those entrypoints use: chown of their data directory (CHOWN, DAC_OVERRIDE, FOWNER)
+# and the switch to their own user (SETUID, SETGID); nginx also binds 80/443 and signals its
+# workers (NET_BIND_SERVICE, KILL); PgBouncer runs as its own user from the start and needs none.
+# Dify's images, Weaviate and Qdrant cannot be started here to find their needs, so they keep
+# Docker's default set minus what no such server uses: raw sockets (NET_RAW: ARP and ICMP
+# spoofing on the stack's network, from the plugin daemon's third-party code too), device nodes,
+# file capabilities, audit writes, and chroot (except the sandbox, which chroots its runs).
+_DATA_OWNER = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID")
+_UNUSED_DEFAULTS = ("NET_RAW", "MKNOD", "SETFCAP", "AUDIT_WRITE")
+PRIVILEGES = {
+    "db": Privileges(("ALL",), _DATA_OWNER),
+    "redis": Privileges(("ALL",), _DATA_OWNER),
+    "redis_broker": Privileges(("ALL",), _DATA_OWNER),
+    "pgbouncer": Privileges(("ALL",)),
+    "nginx": Privileges(("ALL",), _DATA_OWNER + ("KILL", "NET_BIND_SERVICE")),
+    "ssrf_proxy": Privileges(("ALL",), _DATA_OWNER + ("KILL",)),
+    "sandbox": Privileges(_UNUSED_DEFAULTS),
+}
+DEFAULT_PRIVILEGES = Privileges(_UNUSED_DEFAULTS + ("SYS_CHROOT",))
+
+
 def reserve_mib(memory_mib: int) -> int:
     return RESERVE_FIXED_MIB + int(RESERVE_FRACTION * memory_mib)
 
@@ -419,6 +454,11 @@ class Plan:
     def healthchecks(self) -> dict[str, HealthCheck]:
         """The healthcheck timing of each planned service that has one (HEALTHCHECKS)."""
         return {name: HEALTHCHECKS[name] for name in self.services if name in HEALTHCHECKS}
+
+    @property
+    def privileges(self) -> dict[str, Privileges]:
+        """The capabilities and no-new-privileges of each planned service (PRIVILEGES)."""
+        return {name: PRIVILEGES.get(name, DEFAULT_PRIVILEGES) for name in self.services}
 
     @property
     def total_mem_limit_mib(self) -> int:

@@ -198,3 +198,20 @@ def test_data_lives_in_bind_mounts_under_the_data_root(rendered, resolved):
             targets = {mount["target"]: PurePosixPath(mount["source"]) for mount in mounts}
             assert DATA_TARGETS[name] in targets, f"{name} keeps its data in the container"
             assert targets[DATA_TARGETS[name]].is_relative_to(data_root), name
+
+
+def test_every_service_runs_with_no_new_privileges_and_only_its_planned_capabilities(rendered, resolved):
+    """issue 10: as Compose itself reads the file. The servers with known entrypoints start from
+    no capability; the plugin daemon, which runs third-party code, has no raw sockets."""
+    planned = rendered.plan.privileges
+    assert set(planned) == set(resolved["services"])
+    for name, service in resolved["services"].items():
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert sorted(service.get("cap_drop", [])) == sorted(planned[name].cap_drop), name
+        assert sorted(service.get("cap_add", [])) == sorted(planned[name].cap_add), name
+    for name in ("db", "redis", "redis_broker", "pgbouncer", "nginx"):
+        assert resolved["services"][name]["cap_drop"] == ["ALL"], name
+    assert "SYS_ADMIN" not in resolved["services"]["nginx"].get("cap_add", [])
+    assert resolved["services"]["pgbouncer"].get("cap_add") is None
+    if "plugin_daemon" in resolved["services"]:
+        assert "NET_RAW" in resolved["services"]["plugin_daemon"]["cap_drop"]

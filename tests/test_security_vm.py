@@ -205,6 +205,30 @@ def test_the_plugin_daemon_holds_no_secret_key(deployed_stack):
     pytest.skip("no test host runs the plugin daemon")
 
 
+def test_every_container_runs_with_no_new_privileges_and_its_planned_capabilities(deployed_stack):
+    """issue 10: read from dockerd and from the kernel (each container's main process), on hosts
+    whose stack came up healthy with them (the deploy fixture waited for it)."""
+    from edgefit.plan import DEFAULT_PRIVILEGES, PRIVILEGES
+    for name, host in deployed_stack.hosts.items():
+        inspected = containers(host)
+        assert inspected, f"{name}: no container"
+        pids = " ".join(str(c["State"]["Pid"]) for c in inspected.values())
+        status = host.run(f"for p in {pids}; do echo \"$p $(awk '/^NoNewPrivs|^CapEff/{{print $2}}' "
+                          "/proc/$p/status | tr '\\n' ' ')\"; done").stdout
+        kernel = {int(line.split()[0]): line.split()[1:] for line in status.splitlines() if line.strip()}
+        for service, container in inspected.items():
+            planned = PRIVILEGES.get(service, DEFAULT_PRIVILEGES)
+            config = container["HostConfig"]
+            assert any(opt.replace("=", ":") == "no-new-privileges:true" for opt in config.get("SecurityOpt") or []), \
+                f"{name} {service}: {config.get('SecurityOpt')}"
+            assert sorted(config.get("CapDrop") or []) == sorted(planned.cap_drop), f"{name} {service}"
+            cap_eff, no_new_privs = kernel[container["State"]["Pid"]]
+            assert no_new_privs == "1", f"{name} {service}: NoNewPrivs {no_new_privs}"
+            if service in ("db", "redis", "redis_broker", "pgbouncer"):  # dropped to their own user
+                assert int(cap_eff, 16) == 0, f"{name} {service}: CapEff {cap_eff}"
+            assert int(cap_eff, 16) & (1 << 13) == 0, f"{name} {service} holds CAP_NET_RAW: {cap_eff}"
+
+
 def test_a_dry_run_with_diff_and_full_verbosity_and_verify_json_print_no_secret(deployed_stack, tmp_path):
     """Standards: never print a secret, `--dry --diff -vvv` included. A value changed on purpose
     (the domain, which the .env and nginx's config carry) gives the dry run something to show.
