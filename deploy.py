@@ -30,7 +30,7 @@ live, changes = read_host_and_decide(plan, rendered, settings)  # the one read; 
 
 prepare_upgrade(plan, changes)  # only when Dify's images change: the pre-upgrade backup, before anything else
 install_docker(settings, live, facts)
-prepare_volumes(plan, live)
+prepare_volumes(plan, live, facts)
 place_files(changes)
 make_certificate(plan, live)
 tune_host(plan, changes, live, facts)

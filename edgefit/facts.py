@@ -26,22 +26,32 @@ def parse_key_values(lines: list[str]) -> dict[str, str]:
     return values
 
 
-class HostSizeFacts(FactBase):
-    """Cores, memory, swap, distribution and root disk: what the plan is computed from."""
+DEVICE_SECTION = "@@EDGEFIT-DATA-DISK@@"
 
-    def command(self) -> str:
+
+class HostSizeFacts(FactBase):
+    """Cores, memory, swap, distribution and root disk: what the plan is computed from; whether
+    dockerd is installed; and with data_disk, that device as BlockDevice reads it. One command
+    for all: a no-op deploy counts its round trips (issue 12)."""
+
+    def command(self, data_disk: str | None = None) -> str:
+        device = f"; echo {DEVICE_SECTION}; {BlockDevice().command(data_disk)}" if data_disk else ""
         return (
             "echo cpus=$(nproc); "
             "awk '/^MemTotal:/{print \"mem_kib=\"$2} /^SwapTotal:/{print \"swap_kib=\"$2}' /proc/meminfo; "
             ". /etc/os-release; echo os_id=$ID; echo os_version=$VERSION_ID; "
             "echo root_size_kib=$(df -Pk / | awk 'NR==2{print $2}'); "
             "echo root_free_kib=$(df -Pk / | awk 'NR==2{print $4}'); "
-            "echo cgroup2=$(test -f /sys/fs/cgroup/cgroup.controllers && echo yes || echo no)"
-        )
+            "echo cgroup2=$(test -f /sys/fs/cgroup/cgroup.controllers && echo yes || echo no); "
+            "echo dockerd=$(command -v dockerd >/dev/null && echo yes || echo no)"
+        ) + device
 
     def process(self, output):
-        values = parse_key_values(output)
+        lines = list(output)
+        at = lines.index(DEVICE_SECTION) if DEVICE_SECTION in lines else len(lines)
+        values = parse_key_values(lines[:at])
         return {
+            "data_device": BlockDevice().process(lines[at + 1:]) if at < len(lines) else None,
             "cpus": int(values["cpus"]),
             "memory_mib": int(values["mem_kib"]) // 1024,
             "swap_mib": int(values.get("swap_kib") or 0) // 1024,
@@ -50,6 +60,7 @@ class HostSizeFacts(FactBase):
             "root_size_gib": int(values.get("root_size_kib") or 0) // (1024 * 1024),
             "root_free_mib": int(values.get("root_free_kib") or 0) // 1024,
             "cgroup2": values.get("cgroup2") == "yes",
+            "docker_installed": values.get("dockerd") == "yes",  # the docker role installs it when not
         }
 
 
@@ -92,19 +103,26 @@ class BlockDevice(FactBase):
         }
 
 
-class DockerInstalled(FactBase):
-    def command(self) -> str:
-        return "command -v dockerd >/dev/null && echo yes || echo no"
-
-    def process(self, output):
-        return bool(output) and output[0].strip() == "yes"
-
-
 SAMPLER_SOURCE = Path(__file__).resolve().parent / "sampler.py"
 # Where Debian's docker.io, Docker's docker-compose-plugin and edgefit's upload put Compose v2.
 COMPOSE_PLUGIN_PATHS = ("/usr/libexec/docker/cli-plugins/docker-compose", "/usr/lib/docker/cli-plugins/docker-compose",
                         "/usr/local/lib/docker/cli-plugins/docker-compose")
 SECTION = "@@EDGEFIT-SECTION@@"
+
+
+def unit_blocks(lines: list[str]) -> list[dict[str, str]]:
+    """`systemctl show -p Id,...` of several units: one block of KEY=VALUE lines each, blank-line
+    separated, Id first (a block also starts at an Id line, should blank lines be dropped)."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in lines + [""]:
+        key, _, value = line.strip().partition("=")
+        if (not line.strip() or key == "Id") and current:
+            blocks.append(current)
+            current = {}
+        if line.strip():
+            current[key] = value
+    return blocks
 
 
 class HostState(FactBase):
@@ -121,20 +139,19 @@ class HostState(FactBase):
         sampler = SAMPLER_SOURCE.read_text()
         assert "EDGEFIT_SAMPLER_END" not in sampler
         return "\n".join([
+            # One stat and one sha256sum over every placed file (a process per file took seconds
+            # on a small host), matched by path in process().
+            f"set --; for p in {words(paths)}; do [ -f \"$p\" ] && set -- \"$@\" \"$p\"; done",
             f"echo {SECTION}files",
-            f"for p in {words(paths)}; do if [ -f \"$p\" ]; then "
-            "echo \"$(stat -c '%a %u %Y' \"$p\") $(sha256sum < \"$p\" | cut -c1-64) $p\"; fi; done",
+            "[ $# -gt 0 ] && stat -c '%a %u %Y %n' \"$@\"",
+            f"echo {SECTION}hashes",
+            "[ $# -gt 0 ] && sha256sum \"$@\"",
             f"echo {SECTION}directories",
-            f"for d in {words(directories)}; do stat -c '%u %n' \"$d\" 2>/dev/null; done",
-            f"echo {SECTION}units",
-            f"for u in {words(units)}; do echo \"$u|$(systemctl is-enabled \"$u\" 2>/dev/null)|"
-            "$(systemctl is-active \"$u\" 2>/dev/null)|$(systemctl show -p NeedDaemonReload --value \"$u\" 2>/dev/null)\"; done",
+            f"stat -c '%u %n' {words(directories)} 2>/dev/null",
+            f"echo {SECTION}units",  # one block per unit
+            f"systemctl show -p Id,UnitFileState,ActiveState,NeedDaemonReload {words(units)} 2>/dev/null",
             f"echo {SECTION}sysctl",
             f"sysctl -e {words(sysctl_keys)} 2>/dev/null || true",
-            f"echo {SECTION}record",  # the plan of record's images: an upgrade is judged against them
-            "python3 -c 'import json, sys; services = json.load(open(sys.argv[1]))[\"plan\"][\"services\"]; "
-            "print(json.dumps({name: entry[\"image\"] for name, entry in services.items()}))' "
-            f"{PLAN_OF_RECORD} 2>/dev/null || true",
             f"echo {SECTION}compose",
             # the plugin's presence, not `docker compose version`: that Go binary takes seconds to start
             f"for c in {words(COMPOSE_PLUGIN_PATHS)}; do test -x \"$c\" && {{ echo present; break; }}; done",
@@ -142,7 +159,9 @@ class HostState(FactBase):
             # binary, took seconds per call on a small host: most of a no-op deploy, issue 12).
             f"echo {SECTION}snapshot",
             "if command -v python3 >/dev/null && command -v docker >/dev/null; then "
-            "python3 - --window 0.1 --interval 0.1 --checks redis,postgres --images --exec-timeout 20 "
+            # --record: the plan of record's images, by which an upgrade is judged
+            f"python3 - --window 0.1 --interval 0.1 --checks redis,postgres --images --record {PLAN_OF_RECORD} "
+            "--exec-timeout 20 "
             "<<'EDGEFIT_SAMPLER_END'",
             sampler.rstrip("\n"),
             "EDGEFIT_SAMPLER_END",
@@ -158,21 +177,26 @@ class HostState(FactBase):
                 current = sections.setdefault(line[len(SECTION):].strip(), [])
             elif current is not None:
                 current.append(line)
+        digests = {}
+        for line in sections.get("hashes", []):
+            digest, _, path = line.partition("  ")
+            if len(digest) == 64 and path:
+                digests[path] = digest
         files = {}
         for line in sections.get("files", []):
-            parts = line.split(" ", 4)
-            if len(parts) == 5:
-                mode, uid, mtime, digest, path = parts
-                files[path] = {"mode": int(mode, 8), "uid": int(uid), "mtime": float(mtime), "sha256": digest}
+            parts = line.split(" ", 3)
+            if len(parts) == 4 and parts[3] in digests:
+                mode, uid, mtime, path = parts
+                files[path] = {"mode": int(mode, 8), "uid": int(uid), "mtime": float(mtime), "sha256": digests[path]}
         directories = {}
         for line in sections.get("directories", []):
             uid, _, path = line.partition(" ")
             if uid.isdigit():
                 directories[path] = int(uid)
         units = {}
-        for line in sections.get("units", []):
-            parts = [part.strip() for part in line.split("|")] + ["", "", ""]
-            units[parts[0]] = {"enabled": parts[1], "active": parts[2], "need_reload": parts[3] == "yes"}
+        for block in unit_blocks(sections.get("units", [])):
+            units[block.get("Id", "")] = {"enabled": block.get("UnitFileState", ""), "active": block.get("ActiveState", ""),
+                           "need_reload": block.get("NeedDaemonReload") == "yes"}
         sysctl = parse_key_values(sections.get("sysctl", []))
         snapshot = None
         for line in reversed(sections.get("snapshot", [])):
@@ -184,12 +208,7 @@ class HostState(FactBase):
                 break
         compose = (sections.get("compose") or [""])[0].strip() or None
         images = sorted((snapshot or {}).get("images") or [])
-        record_images = None
-        for line in sections.get("record", []):
-            try:
-                record_images = json.loads(line) if line.startswith("{") else record_images
-            except ValueError:
-                record_images = None
+        record_images = (snapshot or {}).get("record_images")
         return {"files": files, "directories": directories, "units": units, "sysctl": sysctl,
                 "images": images, "compose_version": compose, "snapshot": snapshot,
                 "record_images": record_images if isinstance(record_images, dict) else None,

@@ -8,7 +8,7 @@ runs on any host, the secrets role included.
 from pyinfra import host
 from pyinfra.api import DeployError, deploy
 
-from edgefit.facts import BlockDevice, DockerInstalled, HostSizeFacts
+from edgefit.facts import HostSizeFacts
 from edgefit.host_plan import HostRefused, check_and_plan
 from edgefit.plan import Plan
 from edgefit.settings import DeploySettings, SettingsError, read_settings
@@ -25,10 +25,9 @@ def check_host_and_plan() -> tuple[Plan, DeploySettings, dict]:
     except SettingsError as error:
         raise refuse(f"{error}; fix it in the inventory or group_data") from None
 
-    facts = host.get_fact(HostSizeFacts)
-    data_disk = settings.options.data_disk
-    device = host.get_fact(BlockDevice, path=data_disk) if data_disk else None
-    docker_installed = host.get_fact(DockerInstalled) if settings.docker_source == "preinstalled" else True
+    facts = host.get_fact(HostSizeFacts, data_disk=settings.options.data_disk)  # the data disk too
+    device = facts["data_device"]
+    docker_installed = facts["docker_installed"] if settings.docker_source == "preinstalled" else True
     try:
         plan = check_and_plan(settings, facts, device, docker_installed)
     except HostRefused as error:
@@ -38,4 +37,4 @@ def check_host_and_plan() -> tuple[Plan, DeploySettings, dict]:
                   f"(host reports {facts['cpus']} cores, {facts['memory_mib']} MiB)")
     host.noop(f"plan {plan.preset}-class: {plan.host.cpus} cores, {plan.host.memory_mib} MiB, "
               f"{len(plan.services)} services, {plan.total_mem_limit_mib} MiB of limits + {plan.reserve_mib} MiB reserve")
-    return plan, settings, facts
+    return plan, settings, facts  # read once: the later roles use these (data_device, docker_installed)

@@ -8,7 +8,6 @@ from pyinfra.api import DeployError, deploy
 from pyinfra.operations import apt, files, server
 
 from edgefit.converge import Changes
-from edgefit.facts import DockerInstalled
 from edgefit.settings import DeploySettings, file_sha256
 from roles.host import unit_ready
 
@@ -18,7 +17,7 @@ DOCKER_APT_KEY = "/etc/apt/keyrings/docker.asc"
 
 @deploy("Docker engine and Compose v2")
 def install_docker(settings: DeploySettings, live: dict, facts: dict) -> None:
-    if not host.get_fact(DockerInstalled):
+    if not facts["docker_installed"]:
         if settings.docker_source == "docker":
             mirror = settings.docker_apt_mirror or f"https://download.docker.com/linux/{facts['os_id']}"
             key_url, repo_url = shlex.quote(f"{mirror}/gpg"), shlex.quote(mirror)  # checked, and quoted too

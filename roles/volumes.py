@@ -7,11 +7,9 @@ is never touched.
 
 import shlex
 
-from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
-from edgefit.facts import BlockDevice
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
 
@@ -67,10 +65,10 @@ def data_directories(plan: Plan) -> dict[str, int]:
 
 
 @deploy("Data disk and directories")
-def prepare_volumes(plan: Plan, live: dict) -> None:
+def prepare_volumes(plan: Plan, live: dict, facts: dict) -> None:
     root = plan.data_root
     if plan.data_disk:
-        device = host.get_fact(BlockDevice, path=plan.data_disk)
+        device = facts["data_device"]  # BlockDevice, read by check_and_plan before anything changed
         if device.get("mountpoint", "") != root:
             server.shell(
                 name=f"Mount {plan.data_disk} at {root} by UUID",

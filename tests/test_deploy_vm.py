@@ -74,15 +74,24 @@ def test_servers_run_with_the_planned_settings(deployed_stack: DeployedStack):
         assert list(gc_state["threshold"]) == list(plan.dify.gc_threshold), f"{name}: api GC {gc_state}"
 
 
+# The facts the plan is made from (HostSizeFacts, the data disk included), the secrets file, and
+# the one read of everything the deploy compares (HostState).
+NOOP_COMMANDS_AT_MOST = 3
+
+
 def test_a_second_run_changes_nothing_and_restarts_nothing(deployed_stack: DeployedStack):
     before = {name: started_at(host) for name, host in deployed_stack.hosts.items()}
-    run = run_deploy(deployed_stack.inventory)
+    run = run_deploy(deployed_stack.inventory, "--debug")  # --debug: pyinfra logs each SSH command
     assert run.returncode == 0, run.output[-4000:]
     changed = {name: run.changed_operations(name) for name in deployed_stack.hosts}
     assert run.changed == 0, f"second run changed: {changed}"
     # issue 12: a host at its plan costs the one read and no operation at all
     for name in deployed_stack.hosts:
         assert run.operations_run(name) == [], f"{name}: a no-op deploy ran {run.operations_run(name)}"
+        commands = run.commands_run(name)
+        assert 1 <= commands <= NOOP_COMMANDS_AT_MOST, \
+            f"{name}: a no-op deploy ran {commands} SSH commands, at most {NOOP_COMMANDS_AT_MOST} expected"
+        print(f"[deploy] {name}: {commands} SSH commands in a no-op deploy")
     print(f"[deploy] no-op re-deploy of both hosts: {run.seconds:.1f}s")
     after = {name: started_at(host) for name, host in deployed_stack.hosts.items()}
     assert after == before, "containers were restarted by a run that changed nothing"

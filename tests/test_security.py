@@ -224,9 +224,10 @@ def _operations(monkeypatch, secrets: Secrets, live: dict) -> list[tuple[str, tu
     settings = read_settings({})
     files = render_stack(PLAN, secrets)
     changes = decide(PLAN, files, live)
-    facts = {"swap_mib": 0, "root_free_mib": 50000, "os_id": "debian"}
+    facts = {"swap_mib": 0, "root_free_mib": 50000, "os_id": "debian", "docker_installed": False,
+             "data_device": {"exists": True, "empty": True, "mountpoint": None}}
     roles.docker.install_docker.__wrapped__(settings, live, facts)
-    roles.volumes.prepare_volumes.__wrapped__(PLAN, live)
+    roles.volumes.prepare_volumes.__wrapped__(PLAN, live, facts)
     roles.place_files.place_files.__wrapped__(changes)
     roles.host.tune_host.__wrapped__(PLAN, changes, live, facts)
     roles.docker.run_docker.__wrapped__(changes, live)

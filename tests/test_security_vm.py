@@ -221,7 +221,8 @@ def test_every_container_runs_with_no_new_privileges_and_its_planned_capabilitie
             config = container["HostConfig"]
             assert any(opt.replace("=", ":") == "no-new-privileges:true" for opt in config.get("SecurityOpt") or []), \
                 f"{name} {service}: {config.get('SecurityOpt')}"
-            assert sorted(config.get("CapDrop") or []) == sorted(planned.cap_drop), f"{name} {service}"
+            dropped = sorted(cap.removeprefix("CAP_") for cap in config.get("CapDrop") or [])  # dockerd adds CAP_
+            assert dropped == sorted(planned.cap_drop), f"{name} {service}: {config.get('CapDrop')}"
             cap_eff, no_new_privs = kernel[container["State"]["Pid"]]
             assert no_new_privs == "1", f"{name} {service}: NoNewPrivs {no_new_privs}"
             if service in ("db", "redis", "redis_broker", "pgbouncer"):  # dropped to their own user

@@ -377,6 +377,24 @@ def test_postgres_scram_login_with_the_rendered_password(pg_stack):
         pg_stack.direct(password=pg_stack.db_password + "x").close()
 
 
+def test_the_samplers_own_postgres_client_reads_the_settings_psql_reads(pg_stack):
+    """issue 12: verify and the deploy's one read ask Postgres directly (SCRAM over its own
+    protocol) instead of a docker exec of psql; the same rows as libpq's, a wrong password refused."""
+    from edgefit import sampler
+    names = ",".join(f"'{name}'" for name in sampler.POSTGRES_SETTINGS)
+    sql = f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})"
+    rows = sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.db_password, sql, 20,
+                                  user=pg_stack.db_user)
+    with pg_stack.direct() as conn:
+        expected = [list(row) for row in conn.execute(sql).fetchall()]
+    assert sorted(rows) == sorted(expected) and len(rows) == len(sampler.POSTGRES_SETTINGS)
+    assert sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.db_password, "SELECT NULL, 'x'", 20,
+                                  user=pg_stack.db_user) == [[None, "x"]]
+    with pytest.raises(ValueError, match="password authentication failed"):
+        sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.db_password + "x", sql, 20,
+                               user=pg_stack.db_user)
+
+
 def pgbouncer_show(stack: PgStack, what: str) -> list[dict]:
     """The admin console (simple query protocol only), as admin_users' edgefit_admin."""
     import psycopg

@@ -74,14 +74,22 @@ def test_an_upgrade_of_a_stopped_stack_is_refused_with_the_way_forward(stack):
     check_can_back_up(changes.upgrade, ["web"])
 
 
-def test_the_plan_of_record_read_gives_its_images():
+def test_the_plan_of_record_read_gives_its_images(tmp_path):
     record = {"plan": {"services": {"api": {"image": NEW, "mem_limit_mib": 900}}}}
     assert record_images(record) == {"api": NEW}
     assert record_images(None) is None and record_images({"plan": {}}) is None
+    # On the host the sampler reads it (--record) and the deploy's one read hands it on.
+    from edgefit import sampler
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(record))
+    assert sampler.record_images(str(path)) == {"api": NEW}
+    assert sampler.record_images(str(tmp_path / "missing.json")) is None
+    path.write_text("{not json")
+    assert sampler.record_images(str(path)) is None
     section = "@@EDGEFIT-SECTION@@"
-    parsed = HostState().process([f"{section}record", json.dumps({"api": NEW}), f"{section}images"])
+    parsed = HostState().process([f"{section}snapshot", json.dumps({"record_images": {"api": NEW}})])
     assert parsed["record_images"] == {"api": NEW}
-    assert HostState().process([f"{section}record", f"{section}images"])["record_images"] is None
+    assert HostState().process([f"{section}snapshot", json.dumps({"images": []})])["record_images"] is None
 
 
 # --- downgrades -------------------------------------------------------------------------------

@@ -45,6 +45,11 @@ class DeployRun:
         ops = (self.results or {}).get("results", {}).get("operations", [])
         return [op["name"] for op in ops if host in op.get("success", []) + op.get("error", []) + op.get("no_change", [])]
 
+    def commands_run(self, host: str) -> int:
+        """SSH commands pyinfra ran on host: one "Running command on HOST:" line each under
+        --debug (pyinfra's SSH connector logs every command it executes, facts included)."""
+        return self.output.count(f"Running command on {host}:")
+
     def changed_operations(self, host: str) -> list[str]:
         ops = (self.results or {}).get("results", {}).get("operations", [])
         return [op["name"] for op in ops if host in op["success"]]
@@ -62,7 +67,7 @@ def run_deploy(inventory: Path, *extra: str, timeout: float = DEPLOY_TIMEOUT_S) 
     def follow() -> None:
         for line in process.stderr:
             log.append(line)
-            if "Starting operation" in line or "error" in line.lower():
+            if "Starting operation" in line or ("error" in line.lower() and "--debug" not in extra):
                 print(f"[deploy] {time.strftime('%H:%M:%S')} {line.strip()}", file=sys.stderr, flush=True)
 
     out: list[str] = []
