@@ -79,6 +79,24 @@ def test_rebuild_of_a_non_staging_host_is_refused_and_touches_nothing(deployed_s
     assert not (tmp_path / "backups").exists()
 
 
+def test_a_backup_of_edge_small_restored_onto_edge_medium_gives_the_same_data(deployed_stack: DeployedStack, tmp_path):
+    small, medium = deployed_stack.hosts["edge-small"], deployed_stack.hosts["edge-medium"]
+    mark = f"moved{int(time.time())}"
+    write_marks(small, mark)
+    to_dir = tmp_path / "backups"
+    result = edgefit("backup", str(deployed_stack.inventory), "--limit", "edge-small", "--to", str(to_dir))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    backup = latest_backup(to_dir, "edge-small")
+    medium_plan = medium.run("cat /etc/edgefit/plan.json").stdout
+    result = edgefit("restore", str(deployed_stack.inventory), "--limit", "edge-medium", "--from", str(backup), "--yes")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert marks_present(medium, mark) == {"row": True, "file": True, "broker key": True}
+    assert json.loads(medium.run("cat /etc/edgefit/plan.json").stdout)["plan"] == json.loads(medium_plan)["plan"], \
+        "edge-medium lost its own plan"
+    kept = medium.run("ls -d /srv/dify/.pre-restore-*").stdout.split()
+    assert kept, "edge-medium's own data was not kept aside"
+
+
 def test_a_corrupted_backup_is_refused_before_anything_is_stopped(deployed_stack: DeployedStack, tmp_path):
     host = deployed_stack.hosts["edge-small"]
     to_dir = tmp_path / "backups"
