@@ -17,9 +17,7 @@ at a fake tree.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
-import hmac
+import importlib.util
 import json
 import os
 import shlex
@@ -177,6 +175,7 @@ def record_images(path: str) -> dict[str, str] | None:
 
 
 def sha256_file(path: str) -> str | None:
+    import hashlib  # noqa: PLC0415 - here and below: imported when used, as a no-op deploy's read needs none
     try:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -668,6 +667,7 @@ def _pg_error(payload: bytes) -> str:
 def _scram_proof(password: str, client_first_bare: str, server_first: str, nonce: str) -> tuple[str, bytes]:
     """SCRAM-SHA-256 (RFC 7677) as Postgres asks for it: the client's final message and the
     server signature it must send back."""
+    import base64, hashlib, hmac  # noqa: E401,PLC0415
     attributes = dict(part.split("=", 1) for part in server_first.split(","))
     if not attributes["r"].startswith(nonce):
         raise ValueError("SCRAM: the server's nonce does not extend ours")
@@ -685,6 +685,7 @@ def postgres_query(address: str, port: int, password: str, sql: str, timeout: fl
                    user: str = "postgres", database: str = "postgres") -> list[list[str | None]]:
     """The rows of one query over Postgres' own protocol (v3, SCRAM-SHA-256 or md5 login): psql's
     answer without a docker exec, which took 2-15 s on the emulated test hosts (issue 12)."""
+    import base64, hashlib, hmac  # noqa: E401,PLC0415
     with socket.create_connection((address, port), timeout=timeout) as connection:
         connection.settimeout(timeout)
         stream = connection.makefile("rb")
@@ -811,12 +812,19 @@ class ContainerMemory:
     """Memory and CPU of one container: its cgroup's files, or psutil over its processes where those cannot be read."""
 
     def __init__(self):
-        self.psutil = None  # the optional psutil module (Debian: python3-psutil)
-        try:
-            import psutil  # noqa: PLC0415 - optional
-            self.psutil = psutil
-        except ImportError:
-            pass
+        self._psutil = None  # the optional psutil module (Debian: python3-psutil), imported when used
+        self.has_psutil = importlib.util.find_spec("psutil") is not None
+
+    @property
+    def psutil(self):
+        """psutil, imported on first use (0.2 s on a loaded small host: most runs read cgroups only)."""
+        if self._psutil is None and self.has_psutil:
+            try:
+                import psutil  # noqa: PLC0415 - optional
+                self._psutil = psutil
+            except ImportError:
+                self.has_psutil = False
+        return self._psutil
 
     def processes(self, pid: int) -> list:
         """The container's main process and all its descendants, as psutil sees them ([] without psutil)."""
@@ -1046,7 +1054,7 @@ class Sampler:
                      "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                      "psi_start": read_psi(os.path.join(args.proc_root, "pressure", "memory")),
                      "samples": []},
-            "psutil": self.memory.psutil is not None,
+            "psutil": self.memory.has_psutil,
         }
 
     def begin(self) -> bool:
@@ -1069,7 +1077,7 @@ class Sampler:
             record["cgroup"] = cgroup_dir(view["pid"], view["id"], args.cgroup_root, args.proc_root) \
                 if view["running"] else None
             if view["running"] and not record["cgroup"]:
-                record["source"] = "psutil" if self.memory.psutil else "none"
+                record["source"] = "psutil" if self.memory.has_psutil else "none"
             record["cgroup_start"] = self.memory.cgroup_snapshot(record)
             self.containers[view["id"]] = record
         return True

@@ -522,6 +522,16 @@ def test_redis_endpoints_come_from_inspect_and_never_reach_the_output(fake, tmp_
     assert "s3cret" not in json.dumps(samples)
 
 
+def test_the_postgres_endpoint_comes_from_inspect_and_its_password_never_reaches_the_output(fake):
+    container = fake.container("db")
+    container["Config"]["Env"] = ["PATH=/usr/bin", "POSTGRES_PASSWORD=s3cret-db"]
+    container["NetworkSettings"] = {"Networks": {"edgefit-dify_default": {"IPAddress": "127.0.0.1"}}}
+    samples = fake.sample()
+    # Asked directly (no psql exec): nothing here answers as that Postgres, and it says where it asked.
+    assert samples["checks"]["postgres"]["error"].startswith("postgres at 127.0.0.1:")
+    assert "s3cret" not in json.dumps(samples)
+
+
 def test_the_deploys_image_list_is_the_same_through_the_socket_and_the_cli(fake, tmp_path):
     from edgefit.facts import SECTION, HostState
     from tests.fake_docker_api import FakeDockerAPI
