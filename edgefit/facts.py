@@ -139,6 +139,18 @@ class HostState(FactBase):
         sampler = SAMPLER_SOURCE.read_text()
         assert "EDGEFIT_SAMPLER_END" not in sampler
         return "\n".join([
+            # The stack and the images present, from the Docker API's socket (the docker CLI, a Go
+            # binary, took seconds per call on a small host: most of a no-op deploy, issue 12),
+            # read in the background while the shell reads the rest: Python's start is the
+            # longest part of this read on a small host.
+            "snapshot=$(mktemp)",
+            "if command -v python3 >/dev/null && command -v docker >/dev/null; then",
+            # --record: the plan of record's images, by which an upgrade is judged
+            f"python3 - --window 0.1 --interval 0.1 --checks redis,postgres --images --record {PLAN_OF_RECORD} "
+            "--exec-timeout 20 >\"$snapshot\" 2>/dev/null <<'EDGEFIT_SAMPLER_END' &",
+            sampler.rstrip("\n"),
+            "EDGEFIT_SAMPLER_END",
+            "fi",
             # One stat and one sha256sum over every placed file (a process per file took seconds
             # on a small host), matched by path in process().
             f"set --; for p in {words(paths)}; do [ -f \"$p\" ] && set -- \"$@\" \"$p\"; done",
@@ -155,17 +167,9 @@ class HostState(FactBase):
             f"echo {SECTION}compose",
             # the plugin's presence, not `docker compose version`: that Go binary takes seconds to start
             f"for c in {words(COMPOSE_PLUGIN_PATHS)}; do test -x \"$c\" && {{ echo present; break; }}; done",
-            # The stack and the images present, from the Docker API's socket (the docker CLI, a Go
-            # binary, took seconds per call on a small host: most of a no-op deploy, issue 12).
+            "wait",  # the sampler bounds itself (--exec-timeout)
             f"echo {SECTION}snapshot",
-            "if command -v python3 >/dev/null && command -v docker >/dev/null; then "
-            # --record: the plan of record's images, by which an upgrade is judged
-            f"python3 - --window 0.1 --interval 0.1 --checks redis,postgres --images --record {PLAN_OF_RECORD} "
-            "--exec-timeout 20 "
-            "<<'EDGEFIT_SAMPLER_END'",
-            sampler.rstrip("\n"),
-            "EDGEFIT_SAMPLER_END",
-            "fi",
+            "cat \"$snapshot\"; rm -f \"$snapshot\"",
             "true",
         ])
 

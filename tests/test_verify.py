@@ -621,3 +621,32 @@ def test_an_exec_through_the_socket_is_bounded_and_its_failures_are_named(fake, 
     assert "executable file not found" in samples["checks"]["gc"]["api"]["error"], samples["checks"]["gc"]
     # the worker's check comes after Postgres in its lane: not run, and said so
     assert samples["checks"]["gc"]["worker"]["error"] == "not run: no time left in the window"
+
+
+def test_the_deploys_one_read_runs_as_one_shell_script_and_leaves_nothing_behind(tmp_path):
+    """issue 12: HostState's command, run by sh here: files, hashes and directories in one stat
+    and one sha256sum, the sampler in the background (a docker CLI on PATH that fails, so the
+    sampler reports why), its JSON after the rest, and its temporary file removed."""
+    import hashlib
+    import os
+    import subprocess
+    from edgefit.facts import HostState
+    placed = tmp_path / "placed.conf"
+    placed.write_text("x = 1\n")
+    os.chmod(placed, 0o640)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "docker").write_text("#!/bin/sh\nexit 1\n")
+    os.chmod(tmp_path / "bin" / "docker", 0o755)
+    (tmp_path / "tmp").mkdir()
+    fact = HostState()
+    command = fact.command(paths=(str(placed), str(tmp_path / "absent.conf")), directories=(str(tmp_path),),
+                           refs=(), units=(), sysctl_keys=())
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "TMPDIR": str(tmp_path / "tmp")})
+    assert done.returncode == 0, done.stderr
+    facts = fact.process(done.stdout.splitlines())
+    assert facts["files"] == {str(placed): {"mode": 0o640, "uid": os.getuid(), "mtime": float(int(placed.stat().st_mtime)),
+                                            "sha256": hashlib.sha256(b"x = 1\n").hexdigest()}}
+    assert facts["directories"] == {str(tmp_path): os.getuid()}
+    assert facts["snapshot"]["docker"]["ok"] is False  # the sampler ran, and said docker did not answer
+    assert list((tmp_path / "tmp").iterdir()) == []
