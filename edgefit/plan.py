@@ -244,11 +244,11 @@ HEALTHCHECKS = {
 
 @dataclass(frozen=True)
 class Privileges:
-    """What a container may do beyond its own files (compose cap_drop / cap_add, security_opt)."""
+    """The capabilities a container drops and gets back (compose cap_drop / cap_add); every
+    container also runs with no-new-privileges (the compose template)."""
 
     cap_drop: tuple[str, ...]
     cap_add: tuple[str, ...] = ()
-    no_new_privileges: bool = True  # no setuid binary or file capability can raise a process' rights
 
 
 # Every container runs with no-new-privileges: each of these images drops root with a setuid()
@@ -457,7 +457,7 @@ class Plan:
 
     @property
     def privileges(self) -> dict[str, Privileges]:
-        """The capabilities and no-new-privileges of each planned service (PRIVILEGES)."""
+        """The capabilities of each planned service (PRIVILEGES)."""
         return {name: PRIVILEGES.get(name, DEFAULT_PRIVILEGES) for name in self.services}
 
     @property

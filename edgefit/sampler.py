@@ -164,13 +164,20 @@ def read_meminfo(proc_root: str) -> dict[str, int]:
     return values
 
 
-def record_images(path: str) -> dict[str, str] | None:
-    """service -> image of a plan of record (/etc/edgefit/plan.json), or None without a readable one."""
+def record_images(record: dict | None) -> dict[str, str] | None:
+    """service -> image of a plan of record (its parsed JSON), None when there is none."""
+    try:
+        return {service: entry["image"] for service, entry in record["plan"]["services"].items()}
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def read_record_images(path: str) -> dict[str, str] | None:
+    """record_images of the plan of record at path (/etc/edgefit/plan.json), None without a readable one."""
     try:
         with open(path) as handle:
-            services = json.load(handle)["plan"]["services"]
-        return {name: entry["image"] for name, entry in services.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return record_images(json.load(handle))
+    except (OSError, ValueError):
         return None
 
 
@@ -262,10 +269,9 @@ class Docker:
         self.errors = errors
         self.status: dict = {"via": "cli"}
         self.exec_timeout = args.exec_timeout  # raised by list_containers() on a slow host
-        # id -> (address, port, password) of each Redis and of Postgres, for the checks; never
-        # printed or returned
-        self.redis_endpoints: dict[str, tuple[str, int, str]] = {}
-        self.postgres_endpoints: dict[str, tuple[str, int, str]] = {}
+        # id -> (address, port, password) of each Redis and of Postgres, to ask them directly
+        # in the checks; never printed or returned
+        self.endpoints: dict[str, tuple[str, int, str]] = {}
         self.listed: dict[str, str] = {}  # id -> compose service, from the container list
         # service -> why its container, listed at the start, could not be inspected: judged
         # "not checked", never "missing" (it exists; dockerd was busy with it)
@@ -337,12 +343,10 @@ class Docker:
             self.errors.extend(f"docker inspect {container_id[:12]}: {why}" for container_id, why in failed.items())
         for item in raw:
             view = inspect_view(item)
-            endpoint = redis_endpoint(item) if view["service"] in REDIS_SERVICES else None
+            endpoint = (redis_endpoint(item) if view["service"] in REDIS_SERVICES else
+                        postgres_endpoint(item) if view["service"] == POSTGRES_SERVICE else None)
             if endpoint:
-                self.redis_endpoints[view["id"]] = endpoint
-            endpoint = postgres_endpoint(item) if view["service"] == POSTGRES_SERVICE else None
-            if endpoint:
-                self.postgres_endpoints[view["id"]] = endpoint
+                self.endpoints[view["id"]] = endpoint
             views.append(view)
         return views
 
@@ -742,7 +746,7 @@ class ServiceChecks:
         self.docker = docker
 
     def redis_check(self, record: dict, with_config: bool, timeout: float | None = None) -> dict:
-        endpoint = self.docker.redis_endpoints.get(record["id"])
+        endpoint = self.docker.endpoints.get(record["id"])
         if endpoint:
             return self.redis_direct(endpoint, with_config, timeout or self.docker.exec_timeout)
         script = ("redis-cli --no-auth-warning -h 127.0.0.1 CONFIG GET 'maxmemory*'; echo '@@INFO@@'; "
@@ -779,7 +783,7 @@ class ServiceChecks:
     def postgres_check(self, record: dict, timeout: float | None = None) -> dict:
         names = ",".join(f"'{name}'" for name in POSTGRES_SETTINGS)
         sql = f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})"
-        endpoint = self.docker.postgres_endpoints.get(record["id"])
+        endpoint = self.docker.endpoints.get(record["id"])
         if endpoint:
             address, port, password = endpoint
             limit = timeout or self.docker.exec_timeout
@@ -1069,7 +1073,7 @@ class Sampler:
         if args.images and found is not None:
             self.result["images"] = self.docker.images()
         if args.record:
-            self.result["record_images"] = record_images(args.record)
+            self.result["record_images"] = read_record_images(args.record)
         if found is None:
             return False
         for view in found or []:

@@ -96,14 +96,6 @@ def check_can_back_up(changes: dict[str, tuple[str, str]], down: list[str]) -> N
             "release first (that starts the stack), then upgrade")
 
 
-def record_images(record: dict | None) -> dict[str, str] | None:
-    """The images of a plan of record (its parsed JSON), None when there is none."""
-    try:
-        return {service: entry["image"] for service, entry in record["plan"]["services"].items()}
-    except (KeyError, TypeError, AttributeError):
-        return None
-
-
 def gate_failures(report: dict, services) -> list[dict]:
     """verify's failing findings (judge.evaluate's report) that name one of the upgraded services."""
     wanted = set(services)

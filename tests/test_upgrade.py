@@ -18,7 +18,7 @@ from edgefit.render import render_stack
 from edgefit.secrets import Secrets
 from edgefit.settings import SettingsError, read_settings
 from edgefit.upgrade import (UPGRADED_SERVICES, UpgradeRefused, check_not_downgrade, downgrades, failing_services,
-                             failure_message, gate_failures, image_changes, record_images, version_of)
+                             failure_message, gate_failures, image_changes, version_of)
 from tests.test_converge import at_plan
 
 STANDIN = Path(__file__).resolve().parent / "images" / "standin" / "dify_standin.py"
@@ -76,16 +76,17 @@ def test_an_upgrade_of_a_stopped_stack_is_refused_with_the_way_forward(stack):
 
 def test_the_plan_of_record_read_gives_its_images(tmp_path):
     record = {"plan": {"services": {"api": {"image": NEW, "mem_limit_mib": 900}}}}
-    assert record_images(record) == {"api": NEW}
-    assert record_images(None) is None and record_images({"plan": {}}) is None
     # On the host the sampler reads it (--record) and the deploy's one read hands it on.
     from edgefit import sampler
+    from edgefit.sampler import record_images
+    assert record_images(record) == {"api": NEW}
+    assert record_images(None) is None and record_images({"plan": {}}) is None
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(record))
-    assert sampler.record_images(str(path)) == {"api": NEW}
-    assert sampler.record_images(str(tmp_path / "missing.json")) is None
+    assert sampler.read_record_images(str(path)) == {"api": NEW}
+    assert sampler.read_record_images(str(tmp_path / "missing.json")) is None
     path.write_text("{not json")
-    assert sampler.record_images(str(path)) is None
+    assert sampler.read_record_images(str(path)) is None
     section = "@@EDGEFIT-SECTION@@"
     parsed = HostState().process([f"{section}snapshot", json.dumps({"record_images": {"api": NEW}})])
     assert parsed["record_images"] == {"api": NEW}
