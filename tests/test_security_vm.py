@@ -176,10 +176,13 @@ SCAN_ATTEMPTS = ((400, 1.5), (200, 3.0), (200, 5.0))  # at most ~38 s, ~150 s, ~
 MUST_ANSWER = [22, 80, 443]
 
 
-@pytest.mark.parametrize("target, source", [("edge-small", "edge-medium"), ("edge-medium", "edge-small")])
-def test_from_the_next_host_only_22_80_and_443_answer(deployed_stack, target, source):
+def test_from_the_next_host_only_22_80_and_443_answer(deployed_stack):
+    """edge-small scanned from edge-medium; both hosts load the same rendered table (the scan of
+    the other direction cost CI another two minutes and proved the same template)."""
+    target, source = "edge-small", "edge-medium"
     target_host, source_host = deployed_stack.hosts[target], deployed_stack.hosts[source]
-    assert target_host.run("nft list table inet edgefit >/dev/null && echo ok").stdout.strip() == "ok"
+    for host in (target_host, source_host):
+        assert host.run("nft list table inet edgefit >/dev/null && echo ok").stdout.strip() == "ok"
     seen = []
     for concurrency, timeout in SCAN_ATTEMPTS:
         open_ports = json.loads(_python_on(
