@@ -10,8 +10,10 @@ allocates must fit the plan's limits, or the VM tests would test the model's OOM
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,7 +39,10 @@ NOTES = {
     "worker_idle_rss": 439,  # worker, gevent -c 2, idle RSS
     "worker_peak_rss_8mb": 774,  # worker, gevent -c 2, peak RSS (one 8 MB document)
     "worker_peak_rss_c8_1mb": 1320,  # worker, gevent -c 8, peak RSS (8 documents of 1 MB at once)
-    "beat_anon": 314,  # beat, idle and peak (anon)
+    "beat_anon": 314,
+    "api_peak_anon_upstream": 658,  # api, 1 gunicorn worker, upstream, peak (anon)
+    "worker_idle_anon_c1": 318,  # worker, gevent -c 1, upstream, idle (anon)
+    "worker_peak_anon_upstream_8mb": 872,  # worker, gevent -c 1, upstream, peak (anon)  # beat, idle and peak (anon)
     "jieba": 220,  # "What was learned": jieba's dictionary on the first indexing task
     "reload_s": (14, 37),  # a recycled api worker's reload
     "web_node_peak_bounded": 291,  # web: node x1, old=128 + semi=16, peak RSS
@@ -53,7 +58,20 @@ def cheap(monkeypatch):
 
 
 def model(role, **env):
-    return standin.MemoryModel(role, {k: str(v) for k, v in env.items()}, rng=random.Random(9))
+    """A model under edgefit's settings (MALLOC_ARENA_MAX set, as the rendered compose does) unless
+    the test says otherwise."""
+    env = {"MALLOC_ARENA_MAX": "2", **env}
+    return standin.MemoryModel(role, {k: str(v) for k, v in env.items() if v is not None}, rng=random.Random(9))
+
+
+def test_upstreams_settings_grow_the_api_and_the_worker_as_measured(cheap):
+    tuned, untuned = model("worker"), model("worker", MALLOC_ARENA_MAX=None)
+    for worker in (tuned, untuned):
+        worker.start()
+        worker.index(8)
+    assert untuned.state()["model_mib"] - tuned.state()["model_mib"] == (
+        standin.index_task_mib(8, tuned=False) - standin.index_task_mib(8)) > 200
+    assert model("api", MALLOC_ARENA_MAX=None).state()["peak_mib"] == NOTES["api_peak_anon_upstream"]
 
 
 def test_the_figures_are_the_measured_ones():
@@ -66,12 +84,16 @@ def test_the_figures_are_the_measured_ones():
     assert tuple(figures["api_reload_seconds"]) == NOTES["reload_s"]
     assert figures["web_pm2_manager"] == NOTES["web_pm2_pss"]
     # derived figures land on the measured ones (within rounding of one run's numbers)
-    env3 = {"SERVER_WORKER_AMOUNT": "3"}
+    env3 = {"SERVER_WORKER_AMOUNT": "3", "MALLOC_ARENA_MAX": "2"}
     assert abs(standin.peak_anon_mib("api", env3) - NOTES["api_peak_anon_three_workers"]) <= 3
     eight_mb = NOTES["worker_peak_rss_8mb"] - NOTES["worker_idle_rss"] - NOTES["jieba"]
     assert abs(standin.index_task_mib(8) - eight_mb) <= 3
     one_mb = (NOTES["worker_peak_rss_c8_1mb"] - NOTES["worker_idle_rss"] - NOTES["jieba"]) / 8
     assert abs(standin.index_task_mib(1) - one_mb) <= 3
+    # upstream's settings: the api's and the worker's measured peaks (figures table, upstream rows)
+    assert standin.peak_anon_mib("api", {}) == NOTES["api_peak_anon_upstream"]
+    assert abs(NOTES["worker_idle_anon_c1"] + NOTES["jieba"] + standin.index_task_mib(8, tuned=False)
+               - NOTES["worker_peak_anon_upstream_8mb"]) <= 3
     one_node = {"PM2_INSTANCES": "1"}
     assert abs(standin.peak_anon_mib("web", {**one_node, "NODE_OPTIONS": "--max-old-space-size=128 "
                                              "--max-semi-space-size=16"}) - NOTES["web_pm2_pss"]
@@ -86,7 +108,7 @@ def test_the_api_starts_at_its_baseline_per_gunicorn_worker_and_grows_to_its_pea
     assert api.state()["model_mib"] == NOTES["api_idle_anon_one_worker"] * workers
     for _ in range(3000):
         api.request()
-    peak = standin.peak_anon_mib("api", {"SERVER_WORKER_AMOUNT": str(workers)})
+    peak = standin.peak_anon_mib("api", {"SERVER_WORKER_AMOUNT": str(workers), "MALLOC_ARENA_MAX": "2"})
     assert api.state()["model_mib"] == peak, "grows per request up to the measured peak, then flat"
     assert api.state()["recycles"] == 0, "no GUNICORN_CMD_ARGS: no recycling"
 
@@ -247,3 +269,128 @@ def test_the_models_peaks_fit_the_plans_limits(size):
     worker_peak = (standin.baseline_anon_mib("worker", env["worker"]) + NOTES["jieba"]
                    + concurrency * standin.index_task_mib(cap))
     assert worker_peak + INTERPRETER_MIB <= limits["worker"]
+
+
+# ---- documents through the broker: what the VM workload drives (issue 9, item 6) -------------
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real redis-server on 127.0.0.1 as the Celery broker, stopped by PID."""
+    import subprocess
+
+    import redis
+
+    from tests.servers_helpers import free_port, require_executable
+    port = free_port()
+    server = subprocess.Popen([require_executable("redis-server", "redis-server"), "--port", str(port), "--bind",
+                               "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/1"
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not answer in 10 s"
+                time.sleep(0.05)
+        yield url, client
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _standin(role, broker_url, tmp_path, **env):
+    import os
+    import subprocess
+
+    from tests.servers_helpers import free_port
+    port = free_port()
+    full = {**os.environ, "STANDIN_ROLE": role, "STANDIN_LISTEN": "127.0.0.1", "STANDIN_PORT": str(port),
+            "CELERY_BROKER_URL": broker_url, "STANDIN_MEMORY_MODEL": "off", "STANDIN_TIME_SCALE": "0.01",
+            **{k: str(v) for k, v in env.items()}}
+    log = open(tmp_path / f"{role}-{port}.log", "w")
+    process = subprocess.Popen([sys.executable, str(STANDIN)], env=full, stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while standin.check(f"http://127.0.0.1:{port}/debug/gc", timeout=1) != 0:
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / f"{role}-{port}.log").read_text()
+        time.sleep(0.1)
+    return process, port
+
+
+def _post(port, path, body: bytes):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", path, body=body)
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def _wait(probe, timeout_s=20):
+    deadline = time.monotonic() + timeout_s
+    while not probe():
+        assert time.monotonic() < deadline, "not within the bound"
+        time.sleep(0.05)
+
+
+def test_an_upload_is_queued_on_the_broker_and_indexed_by_the_worker_and_too_large_is_413(broker, tmp_path):
+    url, client = broker
+    api, api_port = _standin("api", url, tmp_path, UPLOAD_FILE_SIZE_LIMIT=1)
+    worker, _ = _standin("worker", url, tmp_path, CELERY_WORKER_AMOUNT=2)
+    try:
+        code, body = _post(api_port, "/console/api/files/upload", b"x" * (512 * 1024))
+        assert code == 201 and body["size"] == 512 * 1024, body
+        code, too_large = _post(api_port, "/console/api/files/upload", b"x" * (1024 * 1024 + 1))
+        assert code == 413 and too_large["code"] == "file_too_large", too_large
+        _wait(lambda: client.smembers(standin.INDEX_DONE) == {body["id"].encode()})
+        assert client.llen(standin.INDEX_QUEUE) == 0 and client.llen(standin.INDEX_RUNNING) == 0
+    finally:
+        for process in (api, worker):
+            process.terminate()
+            process.wait(timeout=20)
+
+
+def test_a_task_a_stopped_worker_had_taken_is_indexed_after_its_restart(broker, tmp_path):
+    url, client = broker
+    client.lpush(standin.INDEX_RUNNING, json.dumps({"id": "taken-before-a-kill", "mb": 1}))
+    worker, _ = _standin("worker", url, tmp_path)
+    try:
+        _wait(lambda: client.sismember(standin.INDEX_DONE, "taken-before-a-kill"))
+        assert client.llen(standin.INDEX_RUNNING) == 0
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
+
+
+def test_a_warm_shutdown_finishes_the_running_task_and_acks_it(broker, tmp_path):
+    url, client = broker
+    worker, _ = _standin("worker", url, tmp_path, STANDIN_TIME_SCALE=1)  # 8 MB: 5 s of indexing
+    client.lpush(standin.INDEX_QUEUE, json.dumps({"id": "running-at-sigterm", "mb": 8}))
+    _wait(lambda: client.llen(standin.INDEX_RUNNING) == 1)
+    worker.terminate()
+    assert worker.wait(timeout=30) == 0
+    assert client.sismember(standin.INDEX_DONE, "running-at-sigterm") and client.llen(standin.INDEX_RUNNING) == 0
+
+
+def test_the_workload_drives_uploads_gets_and_a_burst_and_counts_what_failed(broker, tmp_path):
+    """tests/workload.py against a local stand-in api (plain HTTP) and worker: every upload is
+    accepted and indexed, the one above the cap is refused with 413, and the GETs the stand-in does
+    not serve (the web's "/" on the api) are counted as failures with their path."""
+    from tests import workload
+    url, client = broker
+    api, api_port = _standin("api", url, tmp_path, UPLOAD_FILE_SIZE_LIMIT=1)
+    worker, _ = _standin("worker", url, tmp_path, CELERY_WORKER_AMOUNT=2)
+    try:
+        result = workload.run({"port": api_port, "tls": False, "seconds": 3, "clients": 2, "burst_clients": 4,
+                               "burst_requests": 2, "upload_mb": [0.1, 0.5, 2], "upload_limit_mb": 1,
+                               "timeout_s": 10})
+        assert result["too_large_refused"] and result["uploads_accepted"] >= 2, result
+        assert result["by_kind"]["upload"]["failed"] == 0 and result["by_kind"]["burst"]["requests"] == 8
+        assert result["failed"] > 0 and {f["path"] for f in result["failures"]} == {"/"}, result["failures"]
+        _wait(lambda: client.scard(standin.INDEX_DONE) == result["uploads_accepted"])
+    finally:
+        for process in (api, worker):
+            process.terminate()
+            process.wait(timeout=20)

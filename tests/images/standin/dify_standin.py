@@ -33,6 +33,12 @@ Every role also serves:
   GET /debug/model               -> the memory model's state (below)
   GET /debug/index?mb=N&hold=S   -> (worker) one economy-indexing task of an N MB document,
                                     running S seconds
+Documents, as Dify takes them: ``POST /console/api/files/upload`` (api; the body is the document)
+answers 413 ``file_too_large`` above UPLOAD_FILE_SIZE_LIMIT MB, else queues one indexing task on
+the broker (CELERY_BROKER_URL, queue ``dataset``) and answers 201. The worker role takes tasks
+from that queue, CELERY_WORKER_AMOUNT at a time, with late acks (a task taken by a worker that
+stopped goes back to the queue at the next start), indexes each with the memory model below and
+records its id in ``dataset:standin-done`` on the broker.
 ``ALLOCATE_MIB_AT_START=N`` allocates before serving (any role).
 
 A memory model of Dify, not Dify: api, worker, beat and web hold the anonymous memory the real
@@ -157,6 +163,7 @@ DIFY_MEMORY = {
     # api growth under requests, up to the measured peak anon, then flat
     "api_peak_anon_one_worker": 572,  # api, 1 gunicorn worker, edgefit 2C4G: peak anon 572
     "api_peak_anon_per_extra_worker": 396,  # 3 workers, 4C8G: peak anon 1363 = 572 + 2 x ~396
+    "api_peak_anon_one_worker_untuned": 658,  # api, 1 gunicorn worker, upstream: peak anon 658
     "api_growth_per_request": 1,  # cgroup notes: rss 318 -> 544 in 3 s after a recycle, 30 clients
     # a recycled gunicorn worker serves nothing while the app reloads
     "api_reload_seconds": (14, 37),  # "each of the 7 recycles ... left no worker serving for 14-37 s"
@@ -164,6 +171,9 @@ DIFY_MEMORY = {
     "jieba_first_index": 220,  # "The first keyword-indexing task loads jieba's dictionary: +220, kept"
     "index_task_base": 78,  # fit through two documents: 1 MB -> ~83 ((1320-439-220)/8, -c 8 row)
     "index_task_per_mb": 4.6,  # ... and 8 MB -> ~115 (774 peak - 439 idle - 220 jieba, -c 2 row)
+    # upstream's settings (no GC thresholds, no MALLOC_ARENA_MAX): the same 8 MB document took
+    # 872 - 318 - 220 = 334 anon (worker, gevent -c 1, upstream row), 2.9x the tuned ~115
+    "index_task_untuned_factor": 334 / 115,
     # web: pm2 manager + node instances (web table, PSS)
     "web_pm2_manager": 45,  # "The pm2 manager itself costs ~79 RSS / 45 PSS"
     "web_idle_per_instance": 111,  # node x1, old=128 + semi=16: idle 113 / 111
@@ -173,9 +183,17 @@ DIFY_MEMORY = {
 }
 
 
-def index_task_mib(document_mb: float) -> int:
+def index_task_mib(document_mb: float, tuned: bool = True) -> int:
     """Anonymous memory one economy-indexing task of this document takes beyond jieba."""
-    return round(DIFY_MEMORY["index_task_base"] + DIFY_MEMORY["index_task_per_mb"] * document_mb)
+    tuned_mib = DIFY_MEMORY["index_task_base"] + DIFY_MEMORY["index_task_per_mb"] * document_mb
+    return round(tuned_mib if tuned else tuned_mib * DIFY_MEMORY["index_task_untuned_factor"])
+
+
+def tuned(env: dict[str, str]) -> bool:
+    """True under edgefit's settings (MALLOC_ARENA_MAX and the GC sitecustomize come together in
+    the rendered compose): the measured peaks differ from upstream's only in the api's and the
+    worker's growth; the idle figures were the same."""
+    return bool(env.get("MALLOC_ARENA_MAX"))
 
 
 def web_bounded(env: dict[str, str]) -> bool:
@@ -210,7 +228,8 @@ def peak_anon_mib(role: str, env: dict[str, str]) -> int:
     """Where growth under requests stops (the measured peak); baseline for roles that do not grow."""
     if role == "api":
         extra = gunicorn_workers(env) - 1
-        return DIFY_MEMORY["api_peak_anon_one_worker"] + DIFY_MEMORY["api_peak_anon_per_extra_worker"] * extra
+        one = DIFY_MEMORY["api_peak_anon_one_worker" if tuned(env) else "api_peak_anon_one_worker_untuned"]
+        return one + DIFY_MEMORY["api_peak_anon_per_extra_worker"] * extra
     if role == "web":
         per = DIFY_MEMORY["web_peak_per_instance_bounded" if web_bounded(env) else "web_peak_per_instance_unbounded"]
         return DIFY_MEMORY["web_pm2_manager"] + per * pm2_instances(env)
@@ -266,6 +285,7 @@ class MemoryModel:
         self.index_kept = 0  # high-water of indexing memory above baseline and jieba
         self.index_in_flight = 0
         self.tasks_running = 0
+        self.indexed = 0
         self.workers = gunicorn_workers(env) if role == "api" else 1
         self.recycle = recycling(env) if role == "api" else None
         self.served = [0] * self.workers
@@ -324,7 +344,7 @@ class MemoryModel:
     def index(self, document_mb: float, hold_s: float = 0.0) -> dict:
         """One economy-indexing task in the worker: jieba on the first, then the document's own
         growth on top of the tasks in flight; memory is kept at its high-water mark."""
-        growth = index_task_mib(document_mb)
+        growth = index_task_mib(document_mb, tuned(self.env))
         with self.lock:
             self.tasks_running += 1
             if self.enabled and not self.jieba_loaded:
@@ -341,6 +361,7 @@ class MemoryModel:
             with self.lock:
                 self.index_in_flight -= growth
                 self.tasks_running -= 1
+                self.indexed += 1
                 self.lock.notify_all()
         return {"document_mb": document_mb, "growth_mib": growth, "model_mib": self.mib}
 
@@ -361,6 +382,7 @@ class MemoryModel:
                     "baseline_mib": baseline_anon_mib(self.role, self.env) if self.enabled else 0,
                     "peak_mib": peak_anon_mib(self.role, self.env), "jieba_loaded": self.jieba_loaded,
                     "index_kept_mib": self.index_kept, "tasks_running": self.tasks_running,
+                    "indexed": self.indexed,
                     "gunicorn_workers": self.workers, "recycles": self.recycles,
                     "serving": sum(1 for t in self.back_at if t <= time.monotonic())}
 
@@ -447,6 +469,101 @@ def check_broker(env: dict[str, str]) -> dict | None:
 
     timeout = float(env.get("STANDIN_CHECK_TIMEOUT", "5"))
     return _redis_ping(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout))
+
+
+# ---- documents: uploaded to the api, indexed by the worker through the broker --------------
+# Dify's api stores an uploaded document and queues its indexing on the Celery queue "dataset";
+# the worker runs it. Here a task is a JSON line on a Redis list of the broker, taken with late
+# acks: moved to INDEX_RUNNING while it runs and removed from there when done, so a worker stopped
+# mid-task (a recycle, an OOM kill) leaves it to be queued again, as Celery's acks_late does.
+INDEX_QUEUE = "dataset"
+INDEX_RUNNING = "dataset:standin-running"
+INDEX_DONE = "dataset:standin-done"
+# NOT measured (the notes time no single task): seconds an indexing task holds its memory,
+# 1 + 0.5 per MB times STANDIN_TIME_SCALE, so concurrent uploads overlap in the worker as they did.
+INDEX_SECONDS_BASE, INDEX_SECONDS_PER_MB = 1.0, 0.5
+UPLOAD_LIMIT_MB_DEFAULT = 15  # Dify's .env.example UPLOAD_FILE_SIZE_LIMIT
+
+
+def upload_limit_mb(env: dict[str, str]) -> float:
+    return float(env.get("UPLOAD_FILE_SIZE_LIMIT") or UPLOAD_LIMIT_MB_DEFAULT)
+
+
+def index_seconds(env: dict[str, str], document_mb: float) -> float:
+    scale = float(env.get("STANDIN_TIME_SCALE", "1") or 1)
+    return (INDEX_SECONDS_BASE + INDEX_SECONDS_PER_MB * document_mb) * scale
+
+
+def broker_client(env: dict[str, str], timeout: float | None = None):
+    import redis
+    timeout = timeout if timeout is not None else float(env.get("STANDIN_CHECK_TIMEOUT", "5"))
+    return redis.Redis.from_url(env["CELERY_BROKER_URL"], socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def queue_document(env: dict[str, str], size_bytes: int) -> dict:
+    """The api's half: one indexing task for a stored document, on the broker."""
+    task = {"id": os.urandom(8).hex(), "mb": round(size_bytes / MIB, 3)}
+    client = broker_client(env)
+    try:
+        client.lpush(INDEX_QUEUE, json.dumps(task))
+    finally:
+        client.close()
+    return task
+
+
+class IndexConsumer:
+    """The worker's half: CELERY_WORKER_AMOUNT threads take tasks from the broker, late-acked."""
+
+    def __init__(self, env: dict[str, str], model: MemoryModel):
+        self.env, self.model = env, model
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._consume, daemon=True, name=f"index-{i}")
+                        for i in range(max(1, int(env.get("CELERY_WORKER_AMOUNT", "1") or 1)))]
+
+    def start(self) -> None:
+        if not env_has_broker(self.env):
+            return
+        try:  # tasks a stopped worker had taken: back to the queue (bounded by the list's length)
+            client = broker_client(self.env)
+            for _ in range(client.llen(INDEX_RUNNING)):
+                if client.rpoplpush(INDEX_RUNNING, INDEX_QUEUE) is None:
+                    break
+            client.close()
+        except Exception as exc:
+            print(f"dify-standin: could not requeue unacked tasks: {exc}", file=sys.stderr, flush=True)
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def join(self, timeout_s: float) -> None:
+        """After the running tasks: their acks reach the broker before the process ends."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self.threads:
+            if thread.is_alive():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _consume(self) -> None:
+        client = None
+        while not self.stopping.is_set():
+            try:
+                client = client or broker_client(self.env, timeout=10)
+                raw = client.brpoplpush(INDEX_QUEUE, INDEX_RUNNING, timeout=1)
+                if raw is None:
+                    continue
+                task = json.loads(raw)
+                self.model.index(float(task["mb"]), index_seconds(self.env, float(task["mb"])))
+                client.sadd(INDEX_DONE, task["id"])
+                client.lrem(INDEX_RUNNING, 1, raw)
+            except Exception as exc:  # the broker restarting: try again after a pause
+                print(f"dify-standin: indexing: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                client = None
+                self.stopping.wait(2)
+
+
+def env_has_broker(env: dict[str, str]) -> bool:
+    return env.get("CELERY_BROKER_URL", "").startswith(("redis://", "rediss://"))
 
 
 def standin_release(env: dict[str, str]) -> str:
@@ -627,8 +744,31 @@ def make_handler(role: str, env: dict[str, str], model: MemoryModel | None = Non
                     return value
             return None
 
+        def _upload(self):
+            """Dify's document upload: the body is the document; too large -> 413."""
+            model.request()
+            length = int(self.headers.get("Content-Length") or 0)
+            left = length
+            while left > 0:  # read it all (nginx has already buffered it), keep nothing
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            if length > upload_limit_mb(env) * MIB:
+                return self._send(413, {"code": "file_too_large", "status": 413,
+                                        "message": f"File size exceeded. {length} > {upload_limit_mb(env):g} MB"})
+            if length <= 0 or left > 0:
+                return self._send(400, {"code": "no_file_uploaded", "status": 400, "message": "empty or cut short"})
+            try:
+                task = queue_document(env, length)
+            except Exception as exc:
+                return self._send(503, {"code": "broker_unavailable", "status": 503, "message": str(exc)[:200]})
+            return self._send(201, {"id": task["id"], "size": length, "indexing": "queued"})
+
         def do_POST(self):
             path = urllib.parse.urlsplit(self.path).path
+            if role == "api" and path == "/console/api/files/upload":
+                return self._upload()
             if role != "api" or path not in ("/console/api/init", "/console/api/setup"):
                 return self._send(404, {"error": "not found", "path": path, "standin": True})
             length = min(int(self.headers.get("Content-Length") or 0), 65536)
@@ -734,10 +874,15 @@ def serve(env: dict[str, str]) -> None:
         site = sys.modules.get("sitecustomize")
         if hasattr(site, "start_worker_watchdog"):
             site.start_worker_watchdog()
+    consumer = IndexConsumer(env, model) if role == "worker" else None
+    if consumer:
+        consumer.start()
     httpd = ThreadingHTTPServer((listen, port), make_handler(role, env, model))
     httpd.daemon_threads = True
 
     def stop(signum, frame):
+        if consumer:  # take no new task; the running ones finish below (warm shutdown)
+            consumer.stop()
         # shutdown() blocks until serve_forever returns: call it from another thread.
         threading.Thread(target=httpd.shutdown, daemon=True).start()
 
@@ -753,6 +898,8 @@ def serve(env: dict[str, str]) -> None:
         # Celery's warm shutdown: running (indexing) tasks finish before the process exits.
         if not model.wait_for_tasks(float(env.get("STANDIN_WARM_SHUTDOWN_S", "600"))):
             print("dify-standin: warm shutdown timed out with tasks running", file=sys.stderr, flush=True)
+        if consumer:
+            consumer.join(15)
 
 
 def main(argv: list[str]) -> int:
