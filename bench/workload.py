@@ -55,10 +55,12 @@ UPSTREAM_FILE = "/opt/edgefit/docker-compose.upstream.json"
 # secret is read or written by this script; compose reads them from .env when it starts the
 # file), changed to what Dify's own compose does, written 0600 beside the rendered file.
 UPSTREAM_LIKE = r"""
-import json, os, subprocess
-stack = "/opt/edgefit"
-config = json.loads(subprocess.run(["docker", "compose", "config", "--no-interpolate", "--format", "json"],
-                                   cwd=stack, capture_output=True, text=True, check=True, timeout=300).stdout)
+import json, os, subprocess, sys
+stack, out_file = sys.argv[1], sys.argv[2]
+compose = sys.argv[3:] or ["docker", "compose"]
+config = json.loads(subprocess.run([*compose, "--project-directory", stack, "-f", stack + "/docker-compose.yml",
+                                    "config", "--no-interpolate", "--format", "json"],
+                                   capture_output=True, text=True, check=True, timeout=300).stdout)
 services = config["services"]
 python_roles = ("api", "worker", "worker_beat")
 for gone in ("pgbouncer", "redis_broker"):  # upstream has neither
@@ -89,11 +91,11 @@ services["redis"]["command"] = ["redis-server", "--requirepass", "${REDIS_PASSWO
 services["db"]["command"] = ["postgres", "-c", "max_connections=100", "-c", "shared_buffers=128MB",
                              "-c", "work_mem=4MB", "-c", "maintenance_work_mem=64MB",
                              "-c", "effective_cache_size=4096MB", "-c", "hba_file=/etc/postgresql/pg_hba.conf"]
-fd = os.open(%r, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
 with os.fdopen(fd, "w") as out:
     json.dump(config, out, indent=1)
 print(sorted(services))
-""" % UPSTREAM_FILE
+"""
 
 # On the host: every container of the project, each second for S seconds: memory.current and
 # oom_kill from its cgroup, and the host's MemAvailable. Prints one JSON object.
@@ -208,7 +210,7 @@ def measure(args) -> dict:
             must("deploy from bare", deploy())
         figures["edgefit"] = one_variant(entry, "edgefit", args)
         print("re-create the stack with upstream-like settings ...", flush=True)
-        services = run_ssh(entry, f"python3 -c {shlex_quote(UPSTREAM_LIKE)}", timeout=600).stdout.strip()
+        services = run_ssh(entry, f"python3 -c {shlex_quote(UPSTREAM_LIKE)} /opt/edgefit {UPSTREAM_FILE}", timeout=600).stdout.strip()
         up = run_ssh(entry, f"cd /opt/edgefit && docker compose -f {UPSTREAM_FILE.rsplit('/', 1)[1]} up -d "
                      "--remove-orphans --wait --wait-timeout 900", timeout=1200, check=False)
         if up.returncode != 0:
