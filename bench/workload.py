@@ -100,13 +100,17 @@ print(sorted(services))
 # On the host: every container of the project, each second for S seconds: memory.current and
 # oom_kill from its cgroup, and the host's MemAvailable. Prints one JSON object.
 SAMPLER = r"""
-import json, subprocess, sys, time
+import json, os, subprocess, sys, time
 seconds = float(sys.argv[1])
 ids = subprocess.run(["docker", "ps", "-q", "--no-trunc", "--filter", "label=com.docker.compose.project=edgefit-dify"],
                      capture_output=True, text=True, timeout=60).stdout.split()
 names = json.loads(subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, timeout=60).stdout)
-cgroups = {c["Config"]["Labels"]["com.docker.compose.service"]: "/sys/fs/cgroup/system.slice/docker-%s.scope" % c["Id"]
-           for c in names}
+def cgroup(container_id):  # the cgroupfs driver's path (the plan's daemon.json), else systemd's
+    for path in ("/sys/fs/cgroup/docker/" + container_id, "/sys/fs/cgroup/system.slice/docker-%s.scope" % container_id):
+        if os.path.isfile(path + "/memory.current"):
+            return path
+    return "/nonexistent"
+cgroups = {c["Config"]["Labels"]["com.docker.compose.service"]: cgroup(c["Id"]) for c in names}
 def read(path):
     try:
         with open(path) as f:
@@ -169,8 +173,12 @@ def one_variant(entry: dict, label: str, args) -> dict:
     sampled: dict = {}
 
     def sample() -> None:
-        done = run_ssh(entry, f"python3 -c {shlex_quote(SAMPLER)} {args.seconds + 30}", timeout=args.seconds + 300)
-        sampled.update(json.loads(done.stdout))
+        done = run_ssh(entry, f"python3 -c {shlex_quote(SAMPLER)} {args.seconds + 30}", timeout=args.seconds + 300,
+                       check=False)
+        try:
+            sampled.update(json.loads(done.stdout))
+        except ValueError:
+            sampled["error"] = f"the host's sampler failed (exit {done.returncode}): {done.stderr[-500:]}"
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -178,6 +186,8 @@ def one_variant(entry: dict, label: str, args) -> dict:
     clients = json.loads(run_ssh(entry, f"python3 -c {shlex_quote(WORKLOAD.read_text())}", input=json.dumps(params),
                                  timeout=args.seconds + 600).stdout)
     sampler.join(timeout=args.seconds + 400)
+    if "error" in sampled or not sampled:
+        raise SystemExit(f"bench/workload.py: {label}: {sampled.get('error', 'no figures from the host')}")
     after = restarts(entry)
     restarted = sorted(name for name, count in after.items() if count != before.get(name, count))
     result = {"clients": clients, "host": sampled, "restarted": restarted, "upload_limit_mb": upload_limit}
