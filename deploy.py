@@ -18,14 +18,14 @@ from roles.read_host import read_host_and_decide
 from roles.record import record_plan
 from roles.secrets import ensure_secrets
 from roles.stack import deploy_stack
-from roles.tls import make_certificate
+from roles.tls import make_certificate, request_acme_certificate
 from roles.upgrade import gate_upgrade, prepare_upgrade
 from roles.verify_timer import install_verify_timer
 from roles.volumes import prepare_volumes
 
 plan, settings, facts = check_host_and_plan()  # every check that can refuse a host happens here
 secrets = ensure_secrets()
-rendered = render_stack(plan, secrets, settings.tls_pair)
+rendered = render_stack(plan, secrets, settings.tls_pair, settings.acme.ca_bundle if settings.acme else None)
 live, changes = read_host_and_decide(plan, rendered, settings)  # the one read; the rest carries changes out
 
 prepare_upgrade(plan, changes)  # only when Dify's images change: the pre-upgrade backup, before anything else
@@ -38,5 +38,6 @@ configure_firewall(plan, changes, live)
 run_docker(changes, live)
 deploy_stack(plan, settings, changes)
 gate_upgrade(plan, rendered, settings, changes)  # health and verify, or a rollback and a failed host
+request_acme_certificate(plan, settings, live)  # edgefit_tls = "acme": nginx now serves the CA's tokens
 install_verify_timer(plan, live)
 record_plan(changes)

@@ -54,7 +54,7 @@ class Options:
     domain: str | None = None  # nginx answers for this name (None: any)
     data_disk: str | None = None  # device mounted at data_root; Docker waits for its mount
     verify_timer_every: str | None = None  # systemd span of the on-host verify timer; None: no timer
-    tls: str = "self-signed"  # where nginx's certificate comes from: self-signed or provided
+    tls: str = "self-signed"  # where nginx's certificate comes from: self-signed, provided or acme
     behind_proxy: bool = False  # a TLS proxy in front: keep its X-Forwarded-Proto
     firewall: bool = True  # nftables: only SSH, 80 and 443 in
     ssh_port: int = 22  # the port pyinfra connects on (host data ssh_port); the firewall keeps it open
@@ -445,7 +445,7 @@ class Plan:
     # What the plan gave up to fit this host (services left out), each with how to undo it.
     tradeoffs: list[str] = field(default_factory=list)
     reported_host: HostSize | None = None  # what the host reported, when the plan is for its live facts
-    tls: str = "self-signed"  # nginx's certificate: self-signed (made on the host) or provided
+    tls: str = "self-signed"  # nginx's certificate: self-signed (made on the host), provided or acme (certbot)
     behind_proxy: bool = False
     firewall: bool = True
     ssh_port: int = 22

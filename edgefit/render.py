@@ -9,6 +9,7 @@ restart (or whether systemd must reload) when it changes, so a deploy restarts o
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from edgefit.expectations import expectations
 from edgefit.images import RUN_AS_UID
 from edgefit.plan import Plan
 from edgefit.safe_write import write_atomic
-from edgefit.sampler import run_bound
+from edgefit.sampler import PROJECT as COMPOSE_PROJECT, run_bound
 from edgefit.secrets import Secrets
 
 PLAN_OF_RECORD_SCHEMA = 2
@@ -41,6 +42,15 @@ DOCKER_DATA_DISK_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-di
 TLS_DIR_IN_CONTAINER = "/etc/nginx/tls"
 PROVIDED_TLS_DIR = "/opt/edgefit/conf/nginx/tls"
 SELF_SIGNED_TLS_DIR = "/etc/edgefit/tls/self-signed"
+# edgefit_tls = "acme": certbot's certificate, put here by its deploy hook (a self-signed
+# placeholder until the first is issued); the CA reads HTTP-01 tokens from the webroot through nginx.
+ACME_TLS_DIR = "/etc/edgefit/tls/acme"
+ACME_ISSUED = f"{ACME_TLS_DIR}/issued"  # the name the pair in place was issued for
+ACME_WEBROOT = "/var/lib/edgefit/acme"
+ACME_WEBROOT_IN_CONTAINER = "/var/www/acme"  # nginx.conf's root for /.well-known/acme-challenge/
+ACME_HOOK = "/etc/edgefit/acme-deploy-hook.sh"
+ACME_CA_BUNDLE = "/etc/edgefit/tls/acme-directory-ca.pem"
+CERTBOT_DROP_IN = "/etc/systemd/system/certbot.service.d/edgefit.conf"
 FIREWALL_RULES = "/etc/edgefit/firewall.nft"  # edgefit's nftables table, loaded whole
 FIREWALL_UNIT = "/etc/systemd/system/edgefit-firewall.service"
 VERIFY_LIB_DIR = "/usr/local/lib/edgefit"  # the verify timer's standard-library modules, as edgefit/*.py
@@ -93,12 +103,14 @@ def verify_timer_since_s(every: str) -> int:
 
 def tls_dir(plan: Plan) -> str:
     """Where nginx's cert.pem and key.pem live on the host."""
-    return PROVIDED_TLS_DIR if plan.tls == "provided" else SELF_SIGNED_TLS_DIR
+    return {"provided": PROVIDED_TLS_DIR, "acme": ACME_TLS_DIR}.get(plan.tls, SELF_SIGNED_TLS_DIR)
 
 
-def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None = None) -> list[StackFile]:
+def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None = None,
+                 acme_ca_bundle: str | None = None) -> list[StackFile]:
     """Every file the deploy puts on the host, the plan of record last (it holds the others' hashes).
-    tls_pair: the provided certificate and key (PEM texts) when plan.tls is "provided"."""
+    tls_pair: the provided certificate and key (PEM texts) when plan.tls is "provided";
+    acme_ca_bundle: the CA certificate(s) of a private ACME directory (PEM text) when plan.tls is "acme"."""
     if plan.tls == "provided" and tls_pair is None:
         raise ValueError("edgefit_tls = 'provided' needs the certificate and key to render")
     env = _environment()
@@ -115,6 +127,8 @@ def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None 
         "stack_dir": STACK_DIR,
         "tls_dir": tls_dir(plan),
         "tls_dir_in_container": TLS_DIR_IN_CONTAINER,
+        "acme_webroot": ACME_WEBROOT,
+        "acme_webroot_in_container": ACME_WEBROOT_IN_CONTAINER,
         "python_hook_dir": PYTHON_HOOK_DIR,
         "dify_python_services": [name for name in ("api", "worker", "worker_beat") if name in present],
     }
@@ -163,6 +177,8 @@ def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None 
         certificate, key = tls_pair
         files += [StackFile(f"{PROVIDED_TLS_DIR}/cert.pem", certificate, 0o600, services=("nginx",)),
                   StackFile(f"{PROVIDED_TLS_DIR}/key.pem", key, 0o600, services=("nginx",))]
+    if plan.tls == "acme":
+        files += _acme_files(render, plan, acme_ca_bundle)
     if "ssrf_proxy" in present:
         files.append(stack("conf/ssrf_proxy/squid.conf", render("squid.conf.j2"), 0o644, services=("ssrf_proxy",)))
     if plan.data_disk:
@@ -172,6 +188,19 @@ def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None 
     if plan.verify_timer_every:
         files += _verify_timer_files(render, plan.verify_timer_every)
     files.append(StackFile(PLAN_OF_RECORD, plan_of_record(plan, files), 0o600))
+    return files
+
+
+def _acme_files(render, plan: Plan, ca_bundle: str | None) -> list[StackFile]:
+    """certbot's deploy hook, and for a private ACME directory its CA and certbot.service's drop-in."""
+    hook = render("acme-deploy-hook.sh.j2", acme_tls_dir=shlex.quote(ACME_TLS_DIR),
+                  domain=shlex.quote(checks.hostname(plan.domain)),
+                  reload_nginx=f"docker exec {COMPOSE_PROJECT}-nginx-1 nginx -s reload")
+    files = [StackFile(ACME_HOOK, hook, 0o700)]
+    if ca_bundle:
+        files += [StackFile(ACME_CA_BUNDLE, ca_bundle, 0o644),
+                  StackFile(CERTBOT_DROP_IN, render("certbot-edgefit.conf.j2", ca_bundle=ACME_CA_BUNDLE),
+                            systemd_unit=True)]
     return files
 
 

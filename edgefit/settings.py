@@ -16,6 +16,7 @@ import base64
 import difflib
 import functools
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ PREFIX = "edgefit_"
 DOCKER_SOURCES = ("debian", "docker", "preinstalled")
 TLS_MODES = ("self-signed", "provided", "acme")
 ROLES = ("production", "staging")  # only a staging host may be rebuilt (edgefit rebuild)
+ACME_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"  # Let's Encrypt's production CA
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 
 
 class SettingsError(ValueError):
@@ -122,9 +125,12 @@ def check_sha256(value) -> str:
 
 
 def check_tls(value) -> str:
-    value = one_of(TLS_MODES)(value)
-    if value == "acme":
-        raise ValueError("'acme' is not yet supported; use 'provided' (your certificate and key) or 'self-signed'")
+    return one_of(TLS_MODES)(value)
+
+
+def check_email(value) -> str:
+    if not isinstance(value, str) or len(value) > 254 or not EMAIL.fullmatch(value):
+        raise ValueError(f"{value!r} is not an e-mail address such as ops@example.com")
     return value
 
 
@@ -185,8 +191,14 @@ SETTINGS: tuple[Setting, ...] = (
             "how often the verify timer runs"),
     Setting("edgefit_role", "production or staging", "production", one_of(ROLES),
             "staging hosts (or hosts in a `staging` group) may be torn down by `edgefit rebuild`"),
-    Setting("edgefit_tls", "self-signed or provided (acme: not yet)", "self-signed", check_tls,
+    Setting("edgefit_tls", "self-signed, provided or acme", "self-signed", check_tls,
             "where nginx's HTTPS certificate comes from"),
+    Setting("edgefit_acme_email", "e-mail address or None", None, check_email,
+            "the ACME account's address (the CA's expiry notices), required with edgefit_tls = 'acme'"),
+    Setting("edgefit_acme_directory", "https URL", ACME_DIRECTORY, checks.https_url,
+            "the ACME CA's directory URL (default: Let's Encrypt)"),
+    Setting("edgefit_acme_ca_bundle", "control-machine path or None", None, check_local_file,
+            "PEM CA certificate(s) to trust for a private edgefit_acme_directory, uploaded for certbot"),
     Setting("edgefit_tls_certificate", "control-machine path or None", None, check_local_file,
             "PEM certificate (full chain) for edgefit_tls = 'provided'"),
     Setting("edgefit_tls_key", "control-machine path or None", None, check_local_file,
@@ -212,6 +224,18 @@ class DeploySettings:
     rollback: bool = True  # a failed upgrade is rolled back by itself
     allow_downgrade: bool = False
     tls_pair: tuple[str, str] | None = None  # the provided certificate and key, PEM texts (checked)
+    acme: AcmeSettings | None = None  # edgefit_tls = "acme"
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    """What certbot needs on the host (roles/tls.py): the account, the CA, and the CA bundle to
+    trust when the directory is a private one (PEM text, checked)."""
+
+    domain: str
+    email: str
+    directory: str
+    ca_bundle: str | None = None
 
 
 def _as_dict(data) -> dict:
@@ -276,6 +300,7 @@ def read_settings(data) -> DeploySettings:
     except PlanError as error:
         raise SettingsError(str(error)) from None
     tls_pair = read_tls_pair(values)
+    acme = read_acme(values)
     compose = checked_compose_binary(values["edgefit_compose_binary"], values["edgefit_compose_sha256"])
     return DeploySettings(
         options=options,
@@ -289,7 +314,45 @@ def read_settings(data) -> DeploySettings:
         rollback=values["edgefit_rollback"],
         allow_downgrade=values["edgefit_allow_downgrade"],
         tls_pair=tls_pair,
+        acme=acme,
     )
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def read_acme(values: dict[str, Any]) -> AcmeSettings | None:
+    """edgefit_tls = 'acme' needs a domain the CA can reach over HTTP (a name, not an address)
+    and an account address; the ACME settings without 'acme' are refused rather than ignored."""
+    email, bundle, directory = (values["edgefit_acme_email"], values["edgefit_acme_ca_bundle"],
+                                values["edgefit_acme_directory"])
+    if values["edgefit_tls"] != "acme":
+        given = [name for name, value in (("edgefit_acme_email", email), ("edgefit_acme_ca_bundle", bundle),
+                                          ("edgefit_acme_directory", None if directory == ACME_DIRECTORY else directory))
+                 if value is not None]
+        if given:
+            raise SettingsError(f"{'/'.join(given)} set but edgefit_tls is {values['edgefit_tls']!r}; "
+                                "set edgefit_tls = \"acme\" to use them")
+        return None
+    domain = values["edgefit_domain"]
+    if not domain or _is_address(domain):
+        raise SettingsError("edgefit_tls = \"acme\" needs edgefit_domain, the DNS name this host answers for "
+                            "(the CA checks it over HTTP on port 80)")
+    if not email:
+        raise SettingsError("edgefit_tls = \"acme\" needs edgefit_acme_email, the address the CA sends "
+                            "expiry notices to")
+    text = None
+    if bundle:
+        text = Path(bundle).read_text(errors="replace")
+        if "-----BEGIN CERTIFICATE-----" not in text or "PRIVATE KEY" in text:
+            raise SettingsError(f"edgefit_acme_ca_bundle: {str(bundle)!r} holds no PEM certificate (or holds a "
+                                "private key, which must never be uploaded for this)")
+    return AcmeSettings(domain=domain, email=email, directory=directory, ca_bundle=text)
 
 
 def read_tls_pair(values: dict[str, Any]) -> tuple[str, str] | None:

@@ -89,10 +89,22 @@ edgefit_role = "production"
 # "self-signed": a certificate made on the host once (openssl, for edgefit_domain or the host's
 # name), kept across deploys; browsers warn, and the deploy and verify say so.
 # "provided": edgefit_tls_certificate (full chain) and edgefit_tls_key, PEM files on this
-# machine, checked to match and uploaded 0600; nginx then sends HSTS. "acme": not yet supported.
+# machine, checked to match and uploaded 0600; nginx then sends HSTS.
+# "acme": certbot (Debian's package, installed on the host) asks edgefit_acme_directory for a
+# certificate for edgefit_domain (required: a DNS name pointing at this host, port 80 open to the
+# CA) through nginx's /.well-known/acme-challenge/ (HTTP-01); until it is issued nginx serves a
+# self-signed placeholder. Debian's certbot.timer renews it twice a day when due, and certbot's
+# deploy hook (rendered by edgefit) puts the new pair in place and reloads nginx; HSTS is sent.
 edgefit_tls = "self-signed"
 edgefit_tls_certificate = None
 edgefit_tls_key = None
+# The ACME account's address: the CA sends expiry notices there. Required with "acme".
+edgefit_acme_email = None
+# The CA: Let's Encrypt's production directory. Another (a private step-ca, Let's Encrypt's
+# staging) is fine; a private one's CA certificate goes in edgefit_acme_ca_bundle (a PEM file on
+# this machine), which certbot then trusts, renewals by the timer included.
+edgefit_acme_directory = "https://acme-v02.api.letsencrypt.org/directory"
+edgefit_acme_ca_bundle = None
 # True when a TLS-terminating proxy or load balancer sits in front: nginx keeps the
 # X-Forwarded-Proto it sends (and does not redirect requests it says came in over https).
 edgefit_behind_proxy = False

@@ -11,12 +11,12 @@ from pyinfra.api import DeployError, deploy
 from edgefit.converge import COMPOSE_UP_PENDING, Changes, decide, sysctl_keys
 from edgefit.facts import HostState
 from edgefit.plan import Plan
-from edgefit.render import (FIREWALL_RULES, FIREWALL_UNIT, SYSCTL_CONF, THP_UNIT, VERIFY_SERVICE, VERIFY_TIMER,
-                            StackFile, file_at)
+from edgefit.render import (ACME_ISSUED, FIREWALL_RULES, FIREWALL_UNIT, SYSCTL_CONF, THP_UNIT, VERIFY_SERVICE,
+                            VERIFY_TIMER, StackFile, file_at)
 from edgefit.settings import DeploySettings
 from edgefit.upgrade import UpgradeRefused, check_can_back_up, check_not_downgrade, upgrade_summary
 from roles.firewall import NFT, UNIT as FIREWALL_SERVICE
-from roles.tls import SELF_SIGNED_CERT, SELF_SIGNED_KEY
+from roles.tls import ACME_CERT, ACME_KEY, SELF_SIGNED_CERT, SELF_SIGNED_KEY
 from roles.volumes import data_directories
 
 UNITS = ("docker.service", THP_UNIT.rsplit("/", 1)[1], VERIFY_TIMER.rsplit("/", 1)[1], FIREWALL_SERVICE)
@@ -25,7 +25,8 @@ UNITS = ("docker.service", THP_UNIT.rsplit("/", 1)[1], VERIFY_TIMER.rsplit("/", 
 @deploy("Read the host")
 def read_host_and_decide(plan: Plan, rendered: list[StackFile], settings: DeploySettings) -> tuple[dict, Changes]:
     paths = sorted({f.dest for f in rendered} | {VERIFY_SERVICE, VERIFY_TIMER, COMPOSE_UP_PENDING,
-                                                 SELF_SIGNED_CERT, SELF_SIGNED_KEY, FIREWALL_RULES, FIREWALL_UNIT, NFT})
+                                                 SELF_SIGNED_CERT, SELF_SIGNED_KEY, ACME_CERT, ACME_KEY, ACME_ISSUED,
+                                                 FIREWALL_RULES, FIREWALL_UNIT, NFT})
     live = host.get_fact(HostState, paths=tuple(paths), directories=tuple(data_directories(plan)),
                          refs=tuple(sorted({s.image for s in plan.services.values()})), units=UNITS,
                          sysctl_keys=sysctl_keys(file_at(rendered, SYSCTL_CONF).content))

@@ -383,11 +383,69 @@ def test_a_provided_pair_is_checked(tmp_path):
         ({"edgefit_tls": "provided", "edgefit_tls_certificate": str(tmp_path / "key.pem"),
           "edgefit_tls_key": str(tmp_path / "key.pem")}, "is not a PEM certificate"),
         ({"edgefit_tls_certificate": str(tmp_path / "cert.pem")}, "set edgefit_tls = \"provided\""),
-        ({"edgefit_tls": "acme"}, "not yet supported"),
+        ({"edgefit_tls": "acme", "edgefit_acme_email": "ops@example.com"}, "needs edgefit_domain"),
+        ({"edgefit_tls": "acme", "edgefit_domain": "192.0.2.7", "edgefit_acme_email": "ops@example.com"},
+         "needs edgefit_domain"),
+        ({"edgefit_tls": "acme", "edgefit_domain": "dify.example.com"}, "needs edgefit_acme_email"),
+        ({"edgefit_tls": "acme", "edgefit_domain": "dify.example.com", "edgefit_acme_email": "ops@example.com",
+          "edgefit_acme_ca_bundle": str(tmp_path / "key.pem")}, "holds no PEM certificate"),
+        ({"edgefit_acme_email": "ops@example.com"}, "set edgefit_tls = \"acme\""),
+        ({"edgefit_acme_directory": "https://acme-staging-v02.api.letsencrypt.org/directory"},
+         "set edgefit_tls = \"acme\""),
+        ({"edgefit_tls": "acme", "edgefit_domain": "dify.example.com", "edgefit_acme_email": "ops@example.com",
+          "edgefit_acme_directory": "http://acme.example.com/directory"}, "edgefit_acme_directory"),
+        ({"edgefit_tls": "acme", "edgefit_domain": "dify.example.com", "edgefit_acme_email": "ops; rm -rf /"},
+         "is not an e-mail address"),
     ]:
         with pytest.raises(SettingsError, match=re.escape(words)) as caught:
             read_settings(data)
         assert "PRIVATE KEY" not in str(caught.value)
+
+
+def test_acme_settings_are_read_with_the_ca_bundle_text(tmp_path):
+    from edgefit.settings import ACME_DIRECTORY, read_settings
+    cert, _ = _test_pair()
+    (tmp_path / "ca.pem").write_text(cert)
+    base = {"edgefit_tls": "acme", "edgefit_domain": "Dify.Example.com", "edgefit_acme_email": "ops@example.com"}
+    plain = read_settings(base).acme
+    assert (plain.domain, plain.email, plain.directory, plain.ca_bundle) == (
+        "dify.example.com", "ops@example.com", ACME_DIRECTORY, None)
+    private = read_settings({**base, "edgefit_acme_directory": "https://127.0.0.1:14000/dir",
+                             "edgefit_acme_ca_bundle": str(tmp_path / "ca.pem")}).acme
+    assert private.directory == "https://127.0.0.1:14000/dir" and private.ca_bundle == cert
+    assert read_settings({}).acme is None
+
+
+def test_acme_renders_the_hook_the_webroot_mount_and_hsts_and_a_private_ca_only_when_given():
+    plan = make_plan(HostSize(2, 4096), Options(tls="acme", domain="dify.example.com"))
+    files = {f.dest: f for f in render_stack(plan, Secrets.generate())}
+    hook = files["/etc/edgefit/acme-deploy-hook.sh"]
+    assert hook.mode == 0o700 and "printf '%s\\n' dify.example.com" in hook.content
+    compose = files["/opt/edgefit/docker-compose.yml"].content
+    assert "- /etc/edgefit/tls/acme:/etc/nginx/tls:ro" in compose
+    assert "- /var/lib/edgefit/acme:/var/www/acme:ro" in compose
+    assert 'Strict-Transport-Security "max-age=31536000" always' in files["/opt/edgefit/conf/nginx/nginx.conf"].content
+    assert not any("certbot" in dest or "acme-directory-ca" in dest for dest in files)
+    private = {f.dest: f for f in render_stack(plan, Secrets.generate(), None, "-----BEGIN CERTIFICATE-----\n")}
+    drop_in = private["/etc/systemd/system/certbot.service.d/edgefit.conf"]
+    assert drop_in.systemd_unit and "REQUESTS_CA_BUNDLE=/etc/edgefit/tls/acme-directory-ca.pem" in drop_in.content
+    other = {f.dest: f.content for f in render_stack(make_plan(HostSize(2, 4096), Options()), Secrets.generate())}
+    assert "/var/www/acme:ro" not in other["/opt/edgefit/docker-compose.yml"]
+    assert not any("acme-deploy-hook" in dest for dest in other)
+
+
+def test_the_certbot_command_quotes_its_values_and_says_what_to_do_when_it_fails():
+    from edgefit.settings import AcmeSettings
+    from roles.tls import certbot_command
+    acme = AcmeSettings(domain="dify.example.com", email="o'ps@example.com", directory="https://ca.example/dir")
+    command = certbot_command(acme)
+    assert "--email 'o'\"'\"'ps@example.com'" in command and "REQUESTS_CA_BUNDLE" not in command
+    assert "--webroot -w /var/lib/edgefit/acme -d dify.example.com --cert-name edgefit --keep-until-expiring" in command
+    assert "--deploy-hook /etc/edgefit/acme-deploy-hook.sh" in command
+    assert "RENEWED_LINEAGE=/etc/letsencrypt/live/edgefit /etc/edgefit/acme-deploy-hook.sh" in command
+    assert "REQUESTS_CA_BUNDLE=/etc/edgefit/tls/acme-directory-ca.pem certbot" in certbot_command(
+        AcmeSettings(domain="dify.example.com", email="ops@example.com", directory="https://ca.example/dir",
+                     ca_bundle="PEM"))
 
 
 def test_verify_warns_about_a_self_signed_certificate():
