@@ -90,7 +90,8 @@ for name, service in services.items():
 services["redis"]["command"] = ["redis-server", "--requirepass", "${REDIS_PASSWORD}"]  # no maxmemory
 services["db"]["command"] = ["postgres", "-c", "max_connections=100", "-c", "shared_buffers=128MB",
                              "-c", "work_mem=4MB", "-c", "maintenance_work_mem=64MB",
-                             "-c", "effective_cache_size=4096MB", "-c", "hba_file=/etc/postgresql/pg_hba.conf"]
+                             "-c", "effective_cache_size=4096MB", "-c", "listen_addresses=*",  # as the image's own conf
+                             "-c", "hba_file=/etc/postgresql/pg_hba.conf"]
 fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
 with os.fdopen(fd, "w") as out:
     json.dump(config, out, indent=1)
