@@ -25,11 +25,13 @@ pytestmark = pytest.mark.vm
 
 WORKLOAD = Path(__file__).resolve().parent / "workload.py"
 SECONDS = 90
-# Item 4's bound: no request waits more than a few seconds because of a recycle, and the site is
-# never unanswered. edge-small runs one gunicorn worker, so the plan recycles nothing; what is
-# left is the emulated host's own pace (TLS on an emulated CPU, an 8 MB upload through nginx).
+# Item 4: no request waits because of a recycle, and the site is never unanswered. edge-small
+# runs one gunicorn worker, so the plan recycles nothing (the stand-in api counts its recycles).
+# Single requests are slow here for the emulated host's own reasons (first run, 2026-12-02: GETs
+# 4.5 s on average, an 8 MB upload 37 s, TLS on an emulated CPU), so each is bounded by the
+# driver's timeout (a request past it is a failure); the outage bound is on the longest time in
+# which no request at all was answered (2.8 s in that run).
 LONGEST_UNANSWERED_S = 10
-MAX_REQUEST_S = 30
 INDEXED_WITHIN_S = 180
 BROKER_COUNTS = ("import os, redis; r = redis.Redis.from_url(os.environ['CELERY_BROKER_URL']); "
                  "print(r.scard('dataset:standin-done'), r.llen('dataset'), r.llen('dataset:standin-running'))")
@@ -62,7 +64,8 @@ def test_a_realistic_mix_through_nginx_leaves_every_service_up_and_verify_passin
     assert result["too_large_refused"], "an upload above the host's cap was not refused with 413"
     assert result["uploads_accepted"] >= 5 and result["by_kind"]["burst"]["requests"] == 150, result
     assert result["longest_unanswered_s"] <= LONGEST_UNANSWERED_S, result
-    assert result["max_request_s"] <= MAX_REQUEST_S, result
+    model = json.loads(in_stack(small, "api", "curl -fsS http://127.0.0.1:5001/debug/model").stdout)
+    assert model["recycles"] == 0 and model["gunicorn_workers"] == 1, model
 
     deadline = time.monotonic() + INDEXED_WITHIN_S
     while (counts := broker_counts(small)) != (indexed_before + result["uploads_accepted"], 0, 0):
