@@ -248,7 +248,7 @@ def report(f: dict) -> str:
                     f"{c['longest_unanswered_s']:.1f} | {c['uploads_accepted']} |")
     per_service = sorted(set(f["edgefit"]["host"]["peak_mib"]) | set(f["upstream_like"]["host"]["peak_mib"]))
     lines = ["| stack | containers' peak MiB | lowest MemAvailable MiB | OOM kills | restarted | requests | failed | "
-             "slowest s | longest unanswered s | uploads indexed |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+             "slowest s | longest unanswered s | uploads accepted |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
              *rows, "", "| service | edgefit peak MiB | upstream-like peak MiB |", "|---|---:|---:|"]
     for service in per_service:
         lines.append(f"| {service} | {f['edgefit']['host']['peak_mib'].get(service, '-')} | "
