@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -174,7 +175,7 @@ def one_variant(entry: dict, label: str, args) -> dict:
     sampled: dict = {}
 
     def sample() -> None:
-        done = run_ssh(entry, f"python3 -c {shlex_quote(SAMPLER)} {args.seconds + 30}", timeout=args.seconds + 300,
+        done = run_ssh(entry, f"python3 -c {shlex.quote(SAMPLER)} {args.seconds + 30}", timeout=args.seconds + 300,
                        check=False)
         try:
             sampled.update(json.loads(done.stdout))
@@ -184,7 +185,7 @@ def one_variant(entry: dict, label: str, args) -> dict:
     sampler = threading.Thread(target=sample)
     sampler.start()
     print(f"  {label}: workload of {args.seconds} s ...", flush=True)
-    clients = json.loads(run_ssh(entry, f"python3 -c {shlex_quote(WORKLOAD.read_text())}", input=json.dumps(params),
+    clients = json.loads(run_ssh(entry, f"python3 -c {shlex.quote(WORKLOAD.read_text())}", input=json.dumps(params),
                                  timeout=args.seconds + 600).stdout)
     sampler.join(timeout=args.seconds + 400)
     if "error" in sampled or not sampled:
@@ -197,11 +198,6 @@ def one_variant(entry: dict, label: str, args) -> dict:
           f"lowest MemAvailable {sampled.get('lowest_available_mib')} MiB, OOM kills {sampled.get('oom_kills')}",
           flush=True)
     return result
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-    return shlex.quote(text)
 
 
 def measure(args) -> dict:
@@ -221,7 +217,7 @@ def measure(args) -> dict:
             must("deploy from bare", deploy())
         figures["edgefit"] = one_variant(entry, "edgefit", args)
         print("re-create the stack with upstream-like settings ...", flush=True)
-        services = run_ssh(entry, f"python3 -c {shlex_quote(UPSTREAM_LIKE)} /opt/edgefit {UPSTREAM_FILE}", timeout=600).stdout.strip()
+        services = run_ssh(entry, f"python3 -c {shlex.quote(UPSTREAM_LIKE)} /opt/edgefit {UPSTREAM_FILE}", timeout=600).stdout.strip()
         up = run_ssh(entry, f"cd /opt/edgefit && docker compose -f {UPSTREAM_FILE.rsplit('/', 1)[1]} up -d "
                      "--remove-orphans --wait --wait-timeout 900", timeout=1200, check=False)
         if up.returncode != 0:

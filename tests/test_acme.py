@@ -12,9 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import ssl
 import subprocess
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,7 +72,6 @@ def _served_certificate(port: int) -> dict:
     """Subject, issuer and serial of what nginx serves on 127.0.0.1:port (SNI: the domain)."""
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    import socket
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with context.wrap_socket(raw, server_hostname=DOMAIN) as tls:
             der = tls.getpeercert(binary_form=True)
@@ -90,8 +93,6 @@ def acme_world(tmp_path):
     files = {f.dest: f.content for f in render_stack(plan, Secrets.generate(), None, api_ca.read_text())}
     tls_dir, certbot_dir = tmp_path / "tls", tmp_path / "letsencrypt"
     # nginx's workers run as nobody: the webroot must be reachable, and pytest's tmp_path is not (0700)
-    import shutil
-    import tempfile
     webroot = Path(tempfile.mkdtemp(prefix="edgefit-acme-webroot-"))
     webroot.chmod(0o755)
     _run(["sh", "-c", self_signed_command(DOMAIN, str(tls_dir))])  # the deploy's placeholder
@@ -123,7 +124,6 @@ def acme_world(tmp_path):
         processes["nginx"] = subprocess.Popen([nginx, "-p", str(tmp_path), "-e", "stderr", "-c", str(tmp_path / "nginx.conf"),
                                                "-g", "daemon off;"], stdout=logs["nginx"], stderr=subprocess.STDOUT)
         api = ssl.create_default_context(cafile=str(api_ca))
-        import urllib.request
         _wait_for(lambda: urllib.request.urlopen(f"https://127.0.0.1:{acme_port}/dir", context=api, timeout=2).status == 200,
                   "pebble's directory", processes)
         _wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{http}/edgefit-health", timeout=2).status == 200,

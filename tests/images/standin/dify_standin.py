@@ -459,9 +459,9 @@ def check_redis(env: dict[str, str]) -> dict:
 
 
 def check_broker(env: dict[str, str]) -> dict | None:
-    url = env.get("CELERY_BROKER_URL", "")
-    if not url.startswith(("redis://", "rediss://")):
+    if not env_has_broker(env):
         return None
+    url = env["CELERY_BROKER_URL"]
     try:
         import redis
     except ImportError as exc:
