@@ -131,12 +131,25 @@ def api_need_mib(workers: int) -> int:
     return math.ceil(MARGIN * (API_PEAK_ONE_WORKER_MIB + API_PER_EXTRA_WORKER_MIB * (workers - 1)))
 
 
+def worker_steady_anon_mib(concurrency: int) -> int:
+    """The worker's anonymous memory once it has indexed: idle, jieba's dictionary, and the
+    high-water of `concurrency` large documents at once. gevent keeps that high-water (later
+    tasks reuse it: 20 documents and one 8 MB document at -c 2 left 653 anon), so a healthy
+    worker sits here for good, and its watchdog must not fire below it."""
+    return WORKER_IDLE_ANON_MIB + JIEBA_MIB + concurrency * index_task_need_mib()
+
+
+def index_task_need_mib() -> int:
+    """One large document's own growth, with margin."""
+    return math.ceil(MARGIN * INDEX_TASK_MIB)
+
+
 def worker_need_mib(concurrency: int) -> int:
-    """The worker's limit at this gevent concurrency: the measured -c 2 peak, plus one large
-    document's growth for each further task in flight, with margin. Below -c 2 the measured
-    figure still applies: the 8 MB document ran alone and set the peak."""
-    extra = max(0, concurrency - WORKER_PEAK_CONCURRENCY)
-    return math.ceil(MARGIN * (WORKER_PEAK_MIB + INDEX_TASK_MIB * extra))
+    """The worker's limit at this gevent concurrency: its watchdog threshold at the lowest
+    (worker_steady_anon_mib), plus, for a worker that crossed it, one large document's growth
+    for each task the warm shutdown lets finish, plus the file pages it is charged for. This
+    holds the measured -c 2 peak (742 charged) with room: 890 at -c 1."""
+    return worker_steady_anon_mib(concurrency) + concurrency * index_task_need_mib() + WORKER_FILE_MIB
 
 
 def web_need_mib(instances: int) -> int:
@@ -186,8 +199,12 @@ AUTO_LEAVE_OUT: tuple[tuple[str, str], ...] = (
 )
 
 # Kept back for the kernel, Docker, sshd, journald and page cache: a fixed part for the daemons
-# and a proportional part because page cache and kernel tables grow with the machine.
-RESERVE_FIXED_MIB = 320
+# and a proportional part because page cache and kernel tables grow with the machine. Measured
+# on edge-small (3915 MiB, the whole stack up, before and after a workload): MemTotal -
+# MemAvailable - the containers' own use = 167-250 MiB; the reserve there (491) is about twice
+# that, and the host's daemons also have the swap file. Not more: every MiB kept back here is
+# one the real Dify's measured floors need on a "4 GiB" VPS (MemTotal ~3850 MiB).
+RESERVE_FIXED_MIB = 256
 RESERVE_FRACTION = 0.06
 
 # The disk Dify's data lives on (the data disk when one is named; images stay on the root
@@ -745,22 +762,21 @@ def plan_celery(worker_mib: int, cores: int) -> tuple[int, int]:
     # memory crosses worker_restart_anon_mib, and the warm shutdown lets every running task
     # finish. So the limit must hold that threshold plus one large document's growth for each
     # task in flight plus the file pages it is charged for, and the threshold must stay above
-    # the worker's idle + jieba memory, or it would restart after every first indexing task.
+    # the worker's idle + jieba + in-flight high-water, or it would restart after every indexing
+    # task (a threshold of idle + jieba alone did: on the VMs the worker restarted after each
+    # document and left one of 8 queued past 180 s).
     # What protects the tasks: Dify sets its Celery config in code (api/extensions/ext_celery.py:
     # no task_acks_late, nothing read from the environment for it), so late acks cannot be set
     # from here. The warm shutdown is what keeps them: Celery stops taking new messages, waits
     # for every running task to finish, and with --prefetch-multiplier 1 (the entrypoint's) a
     # message fetched but not started stays unacknowledged, and the Redis transport puts it back
     # on the queue when the worker closes. The broker never evicts (noeviction, appendonly).
-    task_growth = math.ceil(MARGIN * INDEX_TASK_MIB)
-    restart_anon_min = WORKER_IDLE_ANON_MIB + JIEBA_MIB + 20  # 540 measured, +20 for noise
-
     def restart_anon(concurrency: int) -> int:
-        return worker_mib - WORKER_FILE_MIB - concurrency * task_growth
+        return worker_mib - WORKER_FILE_MIB - concurrency * index_task_need_mib()
 
-    celery_amount = max(1, max((c for c in range(1, 4 * cores + 1)
-                                if worker_need_mib(c) <= worker_mib and restart_anon(c) >= restart_anon_min),
-                               default=1))
+    # The largest concurrency whose limit holds; restart_anon() is then at least the steady
+    # high-water (worker_need_mib), so a worker that has indexed does not restart for it.
+    celery_amount = max((c for c in range(1, 4 * cores + 1) if worker_need_mib(c) <= worker_mib), default=1)
     return celery_amount, restart_anon(celery_amount)
 
 

@@ -8,7 +8,7 @@ calls gc.set_threshold itself. The plan's value for this host: 500,10,10.
 
 The worker's gevent pool never gives memory back and ignores --max-tasks-per-child (measured),
 so in the `celery worker` process only, and only where EDGEFIT_WORKER_RESTART_ANON_MIB is set
-(the plan's 618 MiB for this host), a thread reads the container's cgroup v2
+(the plan's 1070 MiB for this host), a thread reads the container's cgroup v2
 files every EDGEFIT_WORKER_WATCHDOG_INTERVAL_S seconds and sends the process SIGTERM once its
 anonymous memory passes that threshold: Celery's warm shutdown lets running tasks finish, and
 the container's restart policy starts a fresh worker, before the limit's OOM killer would stop it.
