@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from edgefit.expectations import expectations
 from edgefit.judge import limit_drift, parse_docker_time, postgres_drift, redis_drift
 from edgefit.plan import Plan
-from edgefit.render import (DAEMON_JSON, JOURNALD_CONF, PLAN_OF_RECORD, STACK_DIR, SYSCTL_CONF, StackFile)
+from edgefit.render import (DAEMON_JSON, DB_ROLES_SQL, JOURNALD_CONF, PLAN_OF_RECORD, STACK_DIR, SYSCTL_CONF,
+                            StackFile)
 from edgefit.upgrade import image_changes
 
 COMPOSE_DEFINITION = (f"{STACK_DIR}/docker-compose.yml", f"{STACK_DIR}/.env")
@@ -46,6 +47,7 @@ class Changes:
     # gated and rolled back on failure (roles/upgrade.py)
     upgrade: dict[str, tuple[str, str]] = field(default_factory=dict)
     down: list[str] = field(default_factory=list)  # planned services missing or not running
+    db_roles: bool = False  # apply roles.sql: Dify's and the plugin daemon's Postgres roles and passwords
 
     @property
     def touches_containers(self) -> bool:
@@ -127,6 +129,9 @@ def decide(plan: Plan, rendered: list[StackFile], live: dict) -> Changes:
     if changes.images_missing:
         changes.reasons.append(f"{len(changes.images_missing)} image(s) missing")
     changes.compose_up = bool(changes.reasons) and not changes.recreate_all
+    # The roles' passwords are in .env; a cluster made, restored or restarted by this run may lack
+    # them (a restore brings tables the superuser made): roles.sql runs again, as it is idempotent.
+    changes.db_roles = bool(uploaded & {DB_ROLES_SQL, f"{STACK_DIR}/.env"}) or changes.compose_up or changes.recreate_all
     changes.upgrade = image_changes(live.get("record_images"),
                                     {name: service.image for name, service in plan.services.items()})
 

@@ -37,6 +37,7 @@ PLAN_OF_RECORD = "/etc/edgefit/plan.json"  # edgefit/render.py's PLAN_OF_RECORD 
 SECRETS_PATH = "/etc/edgefit/secrets.env"  # edgefit/facts.py's SECRETS_PATH
 STACK_DIR = "/opt/edgefit"  # edgefit/render.py's STACK_DIR
 PROJECT = "edgefit-dify"  # edgefit/facts.py's COMPOSE_PROJECT
+ROLES_SQL = "/etc/postgresql/roles.sql"  # edgefit/render.py's DB_ROLES_SQL_IN_CONTAINER, in the db container
 HOST_SCRIPT = "/usr/local/lib/edgefit/host_backup.py"  # where backup.py and restore.py put this file
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -354,6 +355,7 @@ def restore(directory: str) -> str:
     compose("start", "db")
     wait_for(lambda: subprocess.run(["docker", "exec", container("db"), "pg_isready", "-q", "-h", "127.0.0.1"],
                                     timeout=30).returncode == 0, "the database accepting connections")
+    apply_roles()  # the roles a dump's ownership names exist before it goes in
     for name, entry in sorted(files.items()):
         if entry.get("kind") != "postgres":
             continue
@@ -364,6 +366,7 @@ def restore(directory: str) -> str:
         with open(os.path.join(directory, name), "rb") as dump:
             run(["docker", "exec", "-i", "-u", "postgres", container("db"), "pg_restore", "--clean", "--if-exists",
                  "--exit-on-error", "-d", database], stdin=dump, what=f"pg_restore of {database}")
+    apply_roles()  # and what a dump from before the roles brought is theirs
     secrets = secrets_values(os.path.join(directory, SECRETS_FILE))
     password = secrets.get("DB_PASSWORD", "")
     if not re.match(r"^[A-Za-z0-9_-]{24,}$", password):
@@ -390,6 +393,14 @@ def restore(directory: str) -> str:
     progress(f"restored; this host's previous data is in {kept}. The stack stays stopped until the deploy "
              "renders the restored secrets and starts it (edgefit restore runs it)")
     return kept
+
+
+def apply_roles() -> None:
+    """The stack's roles.sql, without the roles' passwords (the deploy after a restore sets them
+    from the restored secrets): Dify's and the plugin daemon's roles made, their databases and
+    tables handed to them. A stack rendered before edgefit had roles mounts no roles.sql."""
+    run(["docker", "exec", "-u", "postgres", container("db"), "sh", "-c",
+         f"test ! -f {ROLES_SQL} || psql -X -q -d postgres -f {ROLES_SQL}"], what="the Postgres roles (roles.sql)")
 
 
 def unpack(tarball: str, data_root: str, tree: str) -> None:

@@ -51,6 +51,11 @@ ACME_WEBROOT_IN_CONTAINER = "/var/www/acme"  # nginx.conf's root for /.well-know
 ACME_HOOK = "/etc/edgefit/acme-deploy-hook.sh"
 ACME_CA_BUNDLE = "/etc/edgefit/tls/acme-directory-ca.pem"
 CERTBOT_DROP_IN = "/etc/systemd/system/certbot.service.d/edgefit.conf"
+# Postgres roles: Dify and the plugin daemon (which runs third-party plugin code) log in as roles
+# of their own that own only their database; the superuser stays for admin, backups and verify.
+DB_APP_ROLE, DB_PLUGIN_ROLE = "dify_app", "dify_plugin"
+DB_ROLES_SQL = f"{STACK_DIR}/conf/postgres/roles.sql"
+DB_ROLES_SQL_IN_CONTAINER = "/etc/postgresql/roles.sql"
 FIREWALL_RULES = "/etc/edgefit/firewall.nft"  # edgefit's nftables table, loaded whole
 FIREWALL_UNIT = "/etc/systemd/system/edgefit-firewall.service"
 VERIFY_LIB_DIR = "/usr/local/lib/edgefit"  # the verify timer's standard-library modules, as edgefit/*.py
@@ -130,6 +135,9 @@ def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None 
         "acme_webroot": ACME_WEBROOT,
         "acme_webroot_in_container": ACME_WEBROOT_IN_CONTAINER,
         "python_hook_dir": PYTHON_HOOK_DIR,
+        "db_app_role": DB_APP_ROLE,
+        "db_plugin_role": DB_PLUGIN_ROLE,
+        "db_roles_sql_in_container": DB_ROLES_SQL_IN_CONTAINER,
         "dify_python_services": [name for name in ("api", "worker", "worker_beat") if name in present],
     }
 
@@ -155,6 +163,9 @@ def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None 
         stack("conf/postgres/postgresql.conf", render("postgresql.conf.j2"), 0o644, services=("db",)),
         stack("conf/postgres/pg_hba.conf", render("pg_hba.conf.j2"), 0o644, services=("db",)),
         stack("conf/postgres/initdb/10-edgefit.sql", render("initdb.sql.j2"), 0o644),
+        # the superuser's password reaches the db container only (its own env file)
+        stack("conf/postgres/superuser.env", render("postgres-superuser.env.j2"), 0o600),
+        stack("conf/postgres/roles.sql", render("roles.sql.j2"), 0o644),
         stack("conf/pgbouncer/pgbouncer.ini", render("pgbouncer.ini.j2"), 0o644, services=("pgbouncer",)),
         stack("conf/pgbouncer/userlist.txt", render("userlist.txt.j2"), 0o600,
               RUN_AS_UID["pgbouncer"], ("pgbouncer",)),

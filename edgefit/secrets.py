@@ -37,7 +37,9 @@ class SecretsError(ValueError):
 @dataclass(frozen=True)
 class Secrets:
     secret_key: str
-    db_password: str
+    db_password: str  # Postgres' superuser (postgres): admin, backups, verify; never given to Dify
+    db_app_password: str  # the role Dify's api, worker and beat log in as (edgefit.render DB_APP_ROLE)
+    db_plugin_password: str  # the plugin daemon's own role, which owns only its database
     redis_password: str
     redis_broker_password: str
     pgbouncer_admin_password: str

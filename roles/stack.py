@@ -3,8 +3,9 @@
 Carries out what edgefit/converge.py decided: `docker compose up -d` when the compose definition
 changed or services are missing or stopped (compose recreates only services whose definition
 changed), a forced recreation of containers whose limits or image drifted, a restart of a service
-whose config file changed or whose live Redis/Postgres settings drifted. A host at its plan gets
-no operation at all.
+whose config file changed or whose live Redis/Postgres settings drifted, then Dify's and the
+plugin daemon's Postgres roles (roles.sql) when the cluster or their passwords may be new. A host
+at its plan gets no operation at all.
 """
 
 import shlex
@@ -13,9 +14,9 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from edgefit.converge import COMPOSE_UP_PENDING, Changes
-from edgefit.facts import COMPOSE_PROJECT
+from edgefit.facts import COMPOSE_PROJECT, SECRETS_PATH
 from edgefit.plan import Plan
-from edgefit.render import STACK_DIR
+from edgefit.render import DB_APP_ROLE, DB_PLUGIN_ROLE, DB_ROLES_SQL_IN_CONTAINER, STACK_DIR
 from edgefit.settings import DeploySettings
 
 IMAGE_DIR = "/var/lib/edgefit/images"
@@ -52,6 +53,16 @@ done
 """.strip()
 
 
+def db_roles_command(with_passwords: bool = True) -> str:
+    """roles.sql in the db container as the superuser; the roles' passwords go from the host's
+    secrets file into psql's environment by name (no value on any command line)."""
+    names = "DB_APP_PASSWORD DB_PLUGIN_PASSWORD"
+    load = f"set -a; . {shlex.quote(SECRETS_PATH)}; set +a; " if with_passwords else ""
+    passed = " ".join(f"-e {name}" for name in names.split()) if with_passwords else ""
+    return (f"{load}docker exec -i {passed} {COMPOSE_PROJECT}-db-1 psql -X -q -U postgres -d postgres "
+            f"-f {DB_ROLES_SQL_IN_CONTAINER}")
+
+
 @deploy("Dify stack")
 def deploy_stack(plan: Plan, settings: DeploySettings, changes: Changes) -> None:
     if changes.images_missing:
@@ -81,6 +92,8 @@ def deploy_stack(plan: Plan, settings: DeploySettings, changes: Changes) -> None
                      commands=[f"{COMPOSE} up -d --no-deps --force-recreate {names}"])
     for service, why in sorted(changes.restart.items()):
         server.shell(name=f"Restart {service}: {why}", commands=[f"{COMPOSE} restart {service}"])
+    if changes.db_roles:
+        server.shell(name=f"Postgres roles {DB_APP_ROLE} and {DB_PLUGIN_ROLE} (roles.sql)", commands=[db_roles_command()])
     if changes.wait_healthy and not changes.upgrade:  # an upgrade's wait is its gate (roles/upgrade.py)
         server.shell(name="Wait until every service is healthy" +
                           (f" ({', '.join(changes.unsettled)} not yet)" if changes.unsettled else ""),

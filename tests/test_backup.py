@@ -122,6 +122,7 @@ def test_the_host_script_names_the_same_paths_as_the_deploy():
 
     assert host_backup.PLAN_OF_RECORD == render.PLAN_OF_RECORD and host_backup.STACK_DIR == render.STACK_DIR
     assert host_backup.SECRETS_PATH == facts.SECRETS_PATH and host_backup.PROJECT == facts.COMPOSE_PROJECT
+    assert host_backup.ROLES_SQL == render.DB_ROLES_SQL_IN_CONTAINER
     assert set(host_backup.DATA_DIRS) == {path.split("/")[0] for path in DATA_DIRECTORIES}
 
 

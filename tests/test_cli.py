@@ -334,7 +334,8 @@ def test_render_with_a_given_secrets_file(edgefit, tmp_path):
     assert not (out / "secrets.env").exists()
     env = (out / ".env").read_text()
     assert f"SECRET_KEY={given.secret_key}" in env
-    assert f"DB_PASSWORD={given.db_password}" in env
+    assert f"DB_PASSWORD={given.db_app_password}" in env and given.db_password not in env  # Dify's role's
+    assert f"POSTGRES_PASSWORD={given.db_password}" in (out / "conf/postgres/superuser.env").read_text()
     assert given.secret_key not in result.stdout + result.stderr
 
 

@@ -201,3 +201,19 @@ def test_changed_files_go_up_in_one_archive_with_their_modes_and_owners(plan, re
             member = members[f.dest.lstrip("/")]
             assert member.mode == f.mode and member.uid == (f.owner_uid or 0) and member.isfile()
             assert tar.extractfile(member).read().decode() == f.content
+
+
+def test_the_postgres_roles_are_applied_when_the_cluster_or_their_passwords_may_be_new(plan, rendered):
+    """roles.sql runs when its file or .env (the passwords) changed, or the stack comes up (a new
+    or restored cluster); never on a host at its plan."""
+    assert not decide(plan, rendered, at_plan(plan, rendered)).db_roles
+    for changed in ("/opt/edgefit/.env", "/opt/edgefit/conf/postgres/roles.sql"):
+        live = at_plan(plan, rendered)
+        live["files"][changed]["sha256"] = "0" * 64
+        assert decide(plan, rendered, live).db_roles, changed
+    live = at_plan(plan, rendered)
+    container(live, "db")["running"] = False  # e.g. left stopped by a restore
+    assert decide(plan, rendered, live).db_roles
+    live = at_plan(plan, rendered)
+    live["files"]["/opt/edgefit/conf/nginx/nginx.conf"]["sha256"] = "0" * 64
+    assert not decide(plan, rendered, live).db_roles, "a restart of nginx leaves the roles alone"

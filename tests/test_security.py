@@ -620,11 +620,20 @@ def test_the_ruleset_loads_in_nftables_twice(tmp_path):
     assert "tcp dport { 22, 2222 } accept" in done.stdout
 
 
-def test_the_plugin_daemon_gets_no_secret_key_nor_init_password():
+def test_the_plugin_daemon_gets_no_secret_key_nor_init_password_nor_a_superuser():
     secrets = Secrets.generate()
-    compose = rendered(secrets)["/opt/edgefit/docker-compose.yml"]
+    files = rendered(secrets)
+    compose = files["/opt/edgefit/docker-compose.yml"]
     daemon = compose.split("\n  plugin_daemon:\n", 1)[1].split("\n\n", 1)[0]
     assert "env_file:" not in daemon
     for name in ("SECRET_KEY", "INIT_PASSWORD", "REDIS_BROKER_PASSWORD", "CELERY_BROKER_URL"):
         assert f"{name}:" not in daemon
-    assert "DB_PASSWORD: ${DB_PASSWORD:?DB_PASSWORD missing from .env}" in daemon
+    # its own Postgres role, owner of its database only; never the superuser
+    assert "DB_USERNAME: dify_plugin" in daemon
+    assert "DB_PASSWORD: ${DB_PLUGIN_PASSWORD:?DB_PLUGIN_PASSWORD missing from .env}" in daemon
+    # and the superuser's password is nowhere Dify's processes read: not in .env, only in the
+    # db container's own env file
+    assert secrets.db_password not in files["/opt/edgefit/.env"]
+    assert f"POSTGRES_PASSWORD={secrets.db_password}" in files["/opt/edgefit/conf/postgres/superuser.env"]
+    db = compose.split("\n  db:\n", 1)[1].split("\n\n", 1)[0]
+    assert "env_file: ./conf/postgres/superuser.env" in db and "DB_PASSWORD" not in db

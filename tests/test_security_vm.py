@@ -204,6 +204,16 @@ def test_the_plugin_daemon_holds_no_secret_key(deployed_stack):
         env = host.run("docker exec edgefit-dify-plugin_daemon-1 env | cut -d= -f1").stdout.split()
         assert "SECRET_KEY" not in env and "INIT_PASSWORD" not in env and "REDIS_BROKER_PASSWORD" not in env, env
         assert "DB_PASSWORD" in env and "SERVER_KEY" in env
+        # its own role, not the superuser: compared on the host, no value printed
+        same = host.run(f"set -a; . {SECRETS}; set +a; "
+                        "[ \"$(docker exec edgefit-dify-plugin_daemon-1 printenv DB_PASSWORD)\" = \"$DB_PASSWORD\" ] "
+                        "&& echo superuser || echo own").stdout.strip()
+        assert same == "own", "the plugin daemon holds the Postgres superuser's password"
+        assert host.run("docker exec edgefit-dify-plugin_daemon-1 printenv DB_USERNAME").stdout.strip() == "dify_plugin"
+        # and Dify's api neither: its environment has no superuser password at all
+        api_env = host.run(f"set -a; . {SECRETS}; set +a; docker exec edgefit-dify-api-1 env | "
+                           "grep -c -F -- \"=$DB_PASSWORD\" || true").stdout.strip()
+        assert api_env == "0", "the api's environment holds the Postgres superuser's password"
         return
     pytest.skip("no test host runs the plugin daemon")
 

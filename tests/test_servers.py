@@ -211,6 +211,13 @@ class PgStack:
     hba_file: Path
     tool_env: dict[str, str]
     pgbench: str
+    superuser_password: str  # conf/postgres/superuser.env: the db container's alone
+
+    superuser = "postgres"
+
+    def as_superuser(self, **kwargs):
+        """A direct connection as the superuser (verify's sampler and the admin log in so)."""
+        return self.direct(user=self.superuser, password=self.superuser_password, **kwargs)
 
     @property
     def db_user(self) -> str:
@@ -261,10 +268,11 @@ def pg_stack(request):
 
     with server_dir(f"pg-{preset}", owner) as tmp:
         tool_env = base_env(tmp)
-        # The image's entrypoint: initdb as POSTGRES_USER with POSTGRES_PASSWORD, which the
-        # compose file takes from the rendered .env's DB_PASSWORD.
-        pwfile = write_file(tmp / "pwfile", env["DB_PASSWORD"] + "\n", 0o600, owner)
-        run_checked([initdb, "-D", str(tmp / "data"), "-U", env["DB_USERNAME"], f"--pwfile={pwfile}",
+        # The image's entrypoint: initdb as POSTGRES_USER (postgres) with POSTGRES_PASSWORD, which
+        # the db container alone gets from conf/postgres/superuser.env.
+        superuser_password = parse_env(files["conf/postgres/superuser.env"].content)["POSTGRES_PASSWORD"]
+        pwfile = write_file(tmp / "pwfile", superuser_password + "\n", 0o600, owner)
+        run_checked([initdb, "-D", str(tmp / "data"), "-U", "postgres", f"--pwfile={pwfile}",
                      "-E", "UTF8", "--no-locale", "--no-sync"],
                     what="initdb", timeout=120, owner=owner, env=tool_env, cwd=tmp)
         pwfile.unlink()
@@ -295,22 +303,27 @@ def pg_stack(request):
                          nofile=plan.pgbouncer.nofile_limit)  # compose: ulimits nofile
 
         stack = PgStack(preset, plan, env, tmp, pg_port, bouncer_port, secrets.pgbouncer_admin_password,
-                        pg_server, bouncer, config_file, hba_file, tool_env, pgbench)
+                        pg_server, bouncer, config_file, hba_file, tool_env, pgbench, superuser_password)
 
         def postgres_ready():
-            with stack.direct(dbname="postgres") as conn:
+            with stack.as_superuser(dbname="postgres") as conn:
                 return conn.execute("SELECT 1").fetchone() == (1,)
 
         with pg_server.running(postgres_ready, timeout=START_TIMEOUT_S, what=f"postgres on port {pg_port}"):
-            psql_env = {**tool_env, "PGPASSWORD": env["DB_PASSWORD"]}
-            base = [psql, "-v", "ON_ERROR_STOP=1", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg_port),
-                    "-U", env["DB_USERNAME"]]
+            psql_env = {**tool_env, "PGPASSWORD": superuser_password}
+            base = [psql, "-v", "ON_ERROR_STOP=1", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres"]
             run_checked([*base, "-d", "postgres", "-c", f'CREATE DATABASE "{env["DB_DATABASE"]}"'],
                         what="CREATE DATABASE (POSTGRES_DB)", timeout=60, env=psql_env)
             initdb_sql = files["conf/postgres/initdb/10-edgefit.sql"]
             sql_file = write_file(tmp / "10-edgefit.sql", initdb_sql.content, 0o644, owner)
             run_checked([*base, "-d", env["DB_DATABASE"], "-f", str(sql_file)],
                         what="the rendered initdb script", timeout=60, env=psql_env)
+            # What the deploy runs once the cluster is up: Dify's and the plugin daemon's roles,
+            # their passwords from the environment (the deploy passes the host's secrets by name).
+            roles_sql = write_file(tmp / "roles.sql", files["conf/postgres/roles.sql"].content, 0o644, owner)
+            run_checked([*base, "-d", "postgres", "-f", str(roles_sql)], what="the rendered roles.sql", timeout=60,
+                        env={**psql_env, "DB_APP_PASSWORD": secrets.db_app_password,
+                             "DB_PLUGIN_PASSWORD": secrets.db_plugin_password})
             init = stack.run_pgbench(pg_port, "-i", "-q", "-s", "1")
             assert init.returncode == 0, f"pgbench -i failed:\n{init.stderr}"
 
@@ -325,7 +338,7 @@ def pg_stack(request):
 
 def test_postgres_runs_the_planned_settings(pg_stack):
     planned = pg_stack.plan.postgres
-    with pg_stack.direct() as conn:
+    with pg_stack.as_superuser() as conn:
         def show(name: str) -> str:
             return conn.execute(f"SHOW {name}").fetchone()[0]
 
@@ -365,11 +378,14 @@ def test_postgres_scram_login_with_the_rendered_password(pg_stack):
     scram_only = {}
     if psycopg.pq.version() >= 160000:  # libpq 16+: refuse any method but SCRAM client-side
         scram_only = {"require_auth": "scram-sha-256"}
-    with pg_stack.direct(**scram_only) as conn:
-        user, stored = conn.execute(
-            "SELECT current_user, rolpassword FROM pg_authid WHERE rolname = current_user").fetchone()
-        assert user == pg_stack.db_user
-        assert stored.startswith("SCRAM-SHA-256$"), "the password is not stored as a SCRAM secret"
+    with pg_stack.direct(**scram_only) as conn:  # Dify's own role, with the rendered .env's password
+        user, superuser = conn.execute("SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        assert user == pg_stack.db_user and not superuser
+    with pg_stack.as_superuser(**scram_only) as conn:
+        stored = dict(conn.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
+                                   ([pg_stack.db_user, "postgres"],)).fetchall())
+        assert len(stored) == 2 and all(value.startswith("SCRAM-SHA-256$") for value in stored.values()), \
+            "a password is not stored as a SCRAM secret"
         rules = conn.execute("SELECT type, address, auth_method FROM pg_hba_file_rules "
                              "WHERE type = 'host' AND error IS NULL").fetchall()
         assert rules and {rule[2] for rule in rules} == {"scram-sha-256"}, rules
@@ -383,16 +399,17 @@ def test_the_samplers_own_postgres_client_reads_the_settings_psql_reads(pg_stack
     from edgefit import sampler
     names = ",".join(f"'{name}'" for name in sampler.POSTGRES_SETTINGS)
     sql = f"SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name IN ({names})"
-    rows = sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.db_password, sql, 20,
-                                  user=pg_stack.db_user)
-    with pg_stack.direct() as conn:
+    rows = sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.superuser_password, sql, 20)
+    with pg_stack.as_superuser() as conn:
         expected = [list(row) for row in conn.execute(sql).fetchall()]
     assert sorted(rows) == sorted(expected) and len(rows) == len(sampler.POSTGRES_SETTINGS)
-    assert sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.db_password, "SELECT NULL, 'x'", 20,
-                                  user=pg_stack.db_user) == [[None, "x"]]
+    assert sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.superuser_password, "SELECT NULL, 'x'",
+                                  20) == [[None, "x"]]
     with pytest.raises(ValueError, match="password authentication failed"):
-        sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.db_password + "x", sql, 20,
-                               user=pg_stack.db_user)
+        sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.superuser_password + "x", sql, 20)
+    # Dify's own role logs in the same way (the sampler's client is not tied to the superuser)
+    assert sampler.postgres_query("127.0.0.1", pg_stack.pg_port, pg_stack.db_password, "SELECT current_user", 20,
+                                  user=pg_stack.db_user, database="dify") == [[pg_stack.db_user]]
 
 
 def pgbouncer_show(stack: PgStack, what: str) -> list[dict]:
@@ -527,11 +544,15 @@ def test_same_clients_straight_at_postgres_are_refused(pg_stack, record_property
     result = pg_stack.run_pgbench(pg_stack.pg_port, "-S", "-n", "-c", str(clients), "-j", "2",
                                   "-T", str(PGBENCH_SECONDS))
     output = result.stdout + result.stderr
+    # Dify's role is no superuser: the superuser_reserved_connections slots stay for the admin,
+    # so it is refused before max_connections, with Postgres' message for that
+    refusals = ("sorry, too many clients already", "remaining connection slots are reserved")
+    refused = any(refusal in output for refusal in refusals)
     print(f"\n[measure] {pg_stack.preset} select-only direct: clients {clients}, exit {result.returncode}, "
-          f"{'too many clients' if 'too many clients' in output else 'no refusal'}")
+          f"{'too many clients' if refused else 'no refusal'}")
     record_property("pgbench_direct_exit", result.returncode)
     assert result.returncode != 0, f"{clients} clients straight at Postgres were accepted:\n{output}"
-    assert "sorry, too many clients already" in output, output
+    assert refused, output
 
 
 def test_the_samplers_direct_redis_check_reads_what_redis_cli_would(redis_server):
