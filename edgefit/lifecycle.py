@@ -372,7 +372,7 @@ def restore(inventory: str, limits: list[str] | None, source: Path, yes: bool, c
     names = [host.name for host in hosts]
     return _host_by_host(
         inventory, names,
-        f"restore backup {manifest['name']} of {manifest.get('host')} onto {', '.join(names)}? Their stack stops, "
+        f"restore backup {manifest['name']} of {manifest.get('host')} onto {', '.join(names)}? Dify, its database and broker stop, "
         "their current data is kept aside under DATA_ROOT/.pre-restore-*, then the backup's data and secrets replace it",
         yes, [("restore.py", {"backup_from": str(source.resolve())}), ("deploy.py", None)])
 

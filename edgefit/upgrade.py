@@ -23,8 +23,9 @@ BACKUP_SUBDIR = "pre-upgrade-backups"  # under the data root: on the data disk w
 BACKUPS_KEPT = 2
 GATE_WINDOW_S = 10  # verify's sampling window for the upgraded services, once they are healthy
 LOG_LINES = 20
-# A rollback restores the database with the whole stack stopped, so every service starts again
-# as on a first deploy: its health wait gets at least the default edgefit_health_timeout.
+# A rollback restores the database with Dify's services, the database and the broker stopped
+# (host_backup.DATA_SERVICES), so they start again as on a first deploy: its health wait gets
+# at least the default edgefit_health_timeout.
 ROLLBACK_HEALTH_MIN_S = 900
 
 

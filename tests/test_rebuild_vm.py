@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_deploy_vm import _host_state
-from tests.vm_deploy import REPO, DeployedStack, in_stack
+from tests.vm_deploy import REPO, DeployedStack, in_stack, started_at
 
 pytestmark = pytest.mark.vm
 EDGEFIT = str(REPO / ".venv" / "bin" / "edgefit")
@@ -88,8 +88,15 @@ def test_a_backup_of_edge_small_restored_onto_edge_medium_gives_the_same_data(de
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     backup = latest_backup(to_dir, "edge-small")
     medium_plan = medium.run("cat /etc/edgefit/plan.json").stdout
+    before = started_at(medium)
     result = edgefit("restore", str(deployed_stack.inventory), "--limit", "edge-medium", "--from", str(backup), "--yes")
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    after = started_at(medium)
+    # only what holds data was stopped: Postgres and Dify started again, nginx and the SSRF proxy
+    # (nothing of theirs is in a backup or its secrets) served on
+    assert [s for s in ("db", "api", "worker") if after.get(s) == before.get(s)] == [], "restore left data services running"
+    assert [s for s in ("nginx", "ssrf_proxy") if after.get(s) != before.get(s)] == [], \
+        "restore stopped services that hold no data"
     assert marks_present(medium, mark) == {"row": True, "file": True, "broker key": True}
     assert json.loads(medium.run("cat /etc/edgefit/plan.json").stdout)["plan"] == json.loads(medium_plan)["plan"], \
         "edge-medium lost its own plan"

@@ -26,7 +26,7 @@ from tests.vm_deploy import DeployedStack, containers, in_stack
 # 2C4G plan's watchdog then restarted the worker at 609 MiB of anonymous memory, below its idle
 # 320 + jieba's 220 + the smallest indexing task's 78 (618), so after every indexing task. The
 # plan's threshold now holds that high-water (tests/test_plan.py checks the rule).
-pytestmark = [pytest.mark.vm, pytest.mark.vm_long]
+pytestmark = pytest.mark.vm
 
 WORKLOAD = Path(__file__).resolve().parent / "workload.py"
 SECONDS = 90
