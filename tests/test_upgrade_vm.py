@@ -19,7 +19,7 @@ import pytest
 
 from tests.test_deploy_vm import _host_state
 from tests.test_rebuild_vm import edgefit, marks_present, write_marks
-from tests.vm_deploy import REPO, DeployedStack, containers, in_stack, run_deploy
+from tests.vm_deploy import REPO, DeployedStack, containers, in_stack, run_deploy, started_at
 
 pytestmark = [pytest.mark.vm, pytest.mark.vm_long]  # ~20 min: outside CI's run (scripts/test)
 PREVIOUS, GOOD, BROKEN = ("edgefit-test/dify-api-standin:1", "edgefit-test/dify-api-standin:2",
@@ -64,10 +64,14 @@ def test_a_good_release_upgrades_after_a_backup_and_edgefit_rollback_returns(dep
     write_marks(host, mark)
     inventory = release_inventory(tmp_path, {"edge-small": host}, GOOD)
 
+    since = host.run("date +%s").stdout.strip()
     run = run_deploy(inventory)
     print(f"[upgrade-vm] upgrade to {GOOD}: {run.seconds:.0f}s")
     assert run.returncode == 0, run.output[-6000:]
     assert "upgrade passed its health gate" in run.output
+    created = host.run(f"docker events --since {since} --until $(date +%s) --filter type=container --filter event=create "
+                       "--format '{{index .Actor.Attributes \"com.docker.compose.service\"}}'").stdout.split()
+    assert sorted(created) == ["api", "worker"], f"containers made by the upgrade: {created}"
     assert api_image(host) == GOOD and schema_version(host) == "2"
     assert marks_present(host, mark) == ALL_KEPT
     state = upgrade_state(host)
@@ -84,9 +88,11 @@ def test_a_good_release_upgrades_after_a_backup_and_edgefit_rollback_returns(dep
     assert back.returncode != 0 and "refusing a downgrade" in back.output, back.output[-3000:]
     assert "Nothing was changed" in back.output and _host_state(host) == before
 
+    serving = started_at(host)
     rolled = edgefit("rollback", str(inventory), "--yes", timeout=2400)
     print(f"[upgrade-vm] edgefit rollback exit {rolled.returncode}")
     assert rolled.returncode == 0, (rolled.stdout + rolled.stderr)[-6000:]  # verify exit 0 included
+    assert started_at(host)["nginx"] == serving["nginx"], "the rollback restarted nginx, which holds no data"
     assert "the inventory still names the newer release" in rolled.stdout
     assert api_image(host) == PREVIOUS and schema_version(host) is None
     assert marks_present(host, mark) == ALL_KEPT
