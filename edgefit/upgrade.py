@@ -112,12 +112,12 @@ def failing_services(health_output: list[str], services) -> list[str]:
         if line.startswith("not healthy and stable"):
             seen = True
             continue
+        if line.startswith(("--- last log lines", "fix the service above")):
+            break
         words = line.split()
-        if seen and len(words) >= 2 and not words[1].startswith("restarts=") and not line.startswith("---"):
+        if seen and len(words) >= 2 and not words[1].startswith("restarts="):
             if words[0] not in named:
                 named.append(words[0])
-        if line.startswith("--- last log lines"):
-            break
     wanted = set(services)
     return sorted(named, key=lambda name: name not in wanted)
 

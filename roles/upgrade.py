@@ -89,7 +89,7 @@ def run_gate(state, host, expected: dict, data_root: str, upgrade: dict[str, tup
     services = sorted(upgrade)
     began = time.monotonic()
     timeout = health_timeout_s
-    healthy, output, _ = _run(state, host, wait_healthy_command(timeout), timeout + 120)
+    healthy, output, _ = _run(state, host, wait_healthy_command(timeout, list(expected["services"])), timeout + 120)
     what, service = None, None
     if not healthy:
         named = failing_services(output, services)
