@@ -161,6 +161,14 @@ def test_healthchecks(rendered, resolved):
         assert want.timeout_s >= 30, f"{name}: a probe timeout under 30 s flaps on a slow host"
 
 
+def test_the_deploys_restart_waits_as_long_as_any_service_may_take_to_stop(resolved):
+    """roles/stack.py restarts with `docker restart -t STOP_GRACE_S` (Docker 20.10's CLI sends
+    its own 10 s otherwise): no service's stop_grace_period may be longer."""
+    from roles.stack import STOP_GRACE_S
+    for name, service in resolved["services"].items():
+        assert go_seconds(service.get("stop_grace_period") or "10s") <= STOP_GRACE_S, name
+
+
 def test_only_nginx_publishes_a_port(resolved):
     publishing = {name for name, service in resolved["services"].items() if service.get("ports")}
     assert publishing == PUBLISHES_PORTS
