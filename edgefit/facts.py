@@ -17,6 +17,12 @@ SECRETS_PATH = "/etc/edgefit/secrets.env"
 COMPOSE_PROJECT = "edgefit-dify"
 
 
+def container_name(service: str) -> str:
+    """The name compose gives a service's one container."""
+    return f"{COMPOSE_PROJECT}-{service}-1"
+
+
+
 def parse_key_values(lines: list[str]) -> dict[str, str]:
     values = {}
     for line in lines:

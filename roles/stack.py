@@ -15,7 +15,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from edgefit.converge import COMPOSE_UP_PENDING, Changes
-from edgefit.facts import COMPOSE_PROJECT, SECRETS_PATH
+from edgefit.facts import COMPOSE_PROJECT, SECRETS_PATH, container_name
 from edgefit.plan import Plan
 from edgefit.render import DB_APP_ROLE, DB_PLUGIN_ROLE, DB_ROLES_SQL_IN_CONTAINER, STACK_DIR
 from edgefit.settings import DeploySettings
@@ -38,7 +38,7 @@ def wait_healthy_command(timeout_s: int, services: list[str] | None = None, poll
     the emulated test hosts a docker CLI start costs 4-10 s and compose's 7-23 s, and the three
     calls a poll made before (compose ps, docker ps, docker inspect) stretched a wait after one
     nginx restart to 109 s."""
-    targets = (" ".join(shlex.quote(f"{COMPOSE_PROJECT}-{name}-1") for name in sorted(services)) if services
+    targets = (" ".join(shlex.quote(container_name(name)) for name in sorted(services)) if services
                else f"$(docker ps -aq --filter label=com.docker.compose.project={COMPOSE_PROJECT})")
     fields = ('{{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} '
               '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} restarts={{.RestartCount}}')
@@ -72,7 +72,7 @@ def db_roles_command(with_passwords: bool = True) -> str:
     names = "DB_APP_PASSWORD DB_PLUGIN_PASSWORD"
     load = f"set -a; . {shlex.quote(SECRETS_PATH)}; set +a; " if with_passwords else ""
     passed = " ".join(f"-e {name}" for name in names.split()) if with_passwords else ""
-    return (f"{load}docker exec -i {passed} {COMPOSE_PROJECT}-db-1 psql -X -q -U postgres -d postgres "
+    return (f"{load}docker exec -i {passed} {container_name('db')} psql -X -q -U postgres -d postgres "
             f"-f {DB_ROLES_SQL_IN_CONTAINER}")
 
 
@@ -114,7 +114,7 @@ def deploy_stack(plan: Plan, settings: DeploySettings, changes: Changes) -> None
         # default), so it gets the longest stop_grace_period of the compose file (db's, 60 s: a
         # Postgres killed mid-shutdown recovers from its WAL on the next start).
         server.shell(name=f"Restart {service}: {why}",
-                     commands=[f"docker restart -t {STOP_GRACE_S} {COMPOSE_PROJECT}-{service}-1"])
+                     commands=[f"docker restart -t {STOP_GRACE_S} {container_name(service)}"])
     if changes.db_roles:
         server.shell(name=f"Postgres roles {DB_APP_ROLE} and {DB_PLUGIN_ROLE} (roles.sql)", commands=[db_roles_command()])
     if changes.wait_healthy and not changes.upgrade:  # an upgrade's wait is its gate (roles/upgrade.py)
