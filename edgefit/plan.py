@@ -239,22 +239,30 @@ class HealthCheck:
 # containerd) alone took over 5 s on the emulated 2- and 4-core test hosts under load: with a 5 s
 # timeout, redis_broker went "unhealthy" for 12 probes in a row while Redis answered at once
 # (issue 14). A probe's timeout only bounds a hung probe, so it is Docker's own default, 30 s,
-# everywhere; how soon a dead service shows is interval x retries, unchanged. The intervals stay
-# short for the servers others wait on (compose's service_healthy gates every start) and 30 s
-# for the rest; start_period covers the measured cold start (the real api: migrations, then
-# gunicorn's app import, 14-37 s per worker on the test machines; see dify-memory.md).
+# everywhere.
+# Probes are not free either: each is a process started in a container (runc, containerd's
+# shim, dockerd). On edge-small, idle with the whole stack up, the probes were most of what the
+# host did: at 10 s for four servers and 30 s for the rest (0.57 probes a second), its emulator
+# used 70 % of a core; with every interval at 60 s, 31 % (2026-12-02, `top` on the host, 60 s
+# windows). A 2-core VPS pays the same share at a smaller scale. So the intervals are Docker's
+# default, 30 s, for the servers others wait on (compose's service_healthy gates every start on
+# their first probe) and for nginx (a config change restarts it, and the deploy waits for its
+# first probe); Dify's own services, whose start takes longer than that anyway, 60 s (0.23 probes
+# a second in all). How soon a dead service shows, interval x retries, stays 2-3 minutes.
+# start_period covers the measured cold start (the real api: migrations, then gunicorn's app
+# import, 14-37 s per worker on the test machines; see dify-memory.md).
 PROBE_TIMEOUT_S = 30
 HEALTHCHECKS = {
-    "api": HealthCheck(30, PROBE_TIMEOUT_S, 5, 180),
-    "web": HealthCheck(30, PROBE_TIMEOUT_S, 5, 60),
-    "db": HealthCheck(10, PROBE_TIMEOUT_S, 10, 60),
-    "pgbouncer": HealthCheck(10, PROBE_TIMEOUT_S, 10, 20),
-    "redis": HealthCheck(10, PROBE_TIMEOUT_S, 10),
-    "redis_broker": HealthCheck(10, PROBE_TIMEOUT_S, 10),
-    "sandbox": HealthCheck(30, PROBE_TIMEOUT_S, 5, 30),
-    "plugin_daemon": HealthCheck(30, PROBE_TIMEOUT_S, 5, 60),
+    "api": HealthCheck(60, PROBE_TIMEOUT_S, 3, 180),
+    "web": HealthCheck(60, PROBE_TIMEOUT_S, 3, 60),
+    "db": HealthCheck(30, PROBE_TIMEOUT_S, 4, 60),
+    "pgbouncer": HealthCheck(30, PROBE_TIMEOUT_S, 4, 20),
+    "redis": HealthCheck(30, PROBE_TIMEOUT_S, 4),
+    "redis_broker": HealthCheck(30, PROBE_TIMEOUT_S, 4),
+    "sandbox": HealthCheck(60, PROBE_TIMEOUT_S, 3, 30),
+    "plugin_daemon": HealthCheck(60, PROBE_TIMEOUT_S, 3, 60),
     "nginx": HealthCheck(30, PROBE_TIMEOUT_S, 5),
-    "weaviate": HealthCheck(30, PROBE_TIMEOUT_S, 5),
+    "weaviate": HealthCheck(60, PROBE_TIMEOUT_S, 3),
 }
 
 

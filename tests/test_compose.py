@@ -161,6 +161,19 @@ def test_healthchecks(rendered, resolved):
         assert want.timeout_s >= 30, f"{name}: a probe timeout under 30 s flaps on a slow host"
 
 
+def test_probes_stay_rare_and_the_servers_others_wait_on_are_probed_first(rendered, resolved):
+    """Each probe is a process started in a container; on edge-small the probes were most of an
+    idle host's work (edgefit/plan.py HEALTHCHECKS). compose's service_healthy gates a start on
+    the first probe, so a server others wait on is probed no later than Docker's default 30 s."""
+    checks = rendered.plan.healthchecks
+    assert sum(1 / check.interval_s for check in checks.values()) <= 0.25
+    gating = {dep for service in resolved["services"].values()
+              for dep, condition in (service.get("depends_on") or {}).items()
+              if condition.get("condition") == "service_healthy"}
+    assert gating, "no service waits for another's health"
+    assert all(checks[name].interval_s <= 30 for name in gating), gating
+
+
 def test_the_deploys_restart_waits_as_long_as_any_service_may_take_to_stop(resolved):
     """roles/stack.py restarts with `docker restart -t STOP_GRACE_S` (Docker 20.10's CLI sends
     its own 10 s otherwise): no service's stop_grace_period may be longer."""
