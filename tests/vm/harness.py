@@ -62,6 +62,23 @@ def _running_domains() -> set[str]:
     return set(netns.virsh("list", "--name").split())
 
 
+def _remove_stale_domains(names: list[str]) -> None:
+    """A domain of ours that no live entry in hosts.json owns (a run killed before its teardown,
+    e.g. by CI's time limit) makes `vagrant up` fail with "Name ... is already taken": it and its
+    volumes go before the boot. Only our own names, in our own namespace's libvirt."""
+    defined = set(netns.virsh("list", "--all", "--name").split())
+    for name in names:
+        domain = domain_name(name)
+        if domain in defined:
+            say(f"removing {domain}, left behind by an earlier run")
+            netns.virsh("destroy", domain, check=False)
+            netns.virsh("undefine", domain, "--nvram", check=False)
+        for volume in netns.volumes():
+            if volume.startswith(domain):
+                netns.virsh("vol-delete", "--pool", config.POOL_NAME, volume, check=False)
+        shutil.rmtree(config.REPO / ".vagrant" / "machines" / name / "libvirt", ignore_errors=True)
+
+
 def _guest_ip(host: str) -> str | None:
     out = netns.virsh("domifaddr", domain_name(host), "--source", "lease", check=False)
     for line in out.splitlines():
@@ -121,6 +138,7 @@ def _up(names: list[str], wait_for_docker: bool) -> dict[str, dict]:
             hosts.pop(name)
     missing = [n for n in names if n not in hosts]
     if missing:
+        _remove_stale_domains(missing)
         marks = VagrantMarks()
         with phase(f"boot: vagrant up {' '.join(missing)}", timings):
             vagrant("up", "--provider", "libvirt", "--no-provision", *missing, timeout=config.VAGRANT_UP_TIMEOUT,
