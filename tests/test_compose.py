@@ -174,6 +174,24 @@ def test_probes_stay_rare_and_the_servers_others_wait_on_are_probed_first(render
     assert all(checks[name].interval_s <= 30 for name in gating), gating
 
 
+def test_health_gates_are_one_level_deep_so_a_cold_start_waits_one_probe_interval(resolved):
+    """Docker 20.10 probes first one interval after a start: a service gated on a server that is
+    itself gated on another waits two intervals. Every service others wait on for health starts
+    without waiting for anyone's health, and Dify's services wait for the database directly."""
+    services = resolved["services"]
+
+    def healthy_gates(name):
+        return {dep for dep, condition in (services[name].get("depends_on") or {}).items()
+                if condition.get("condition") == "service_healthy"}
+
+    for name in services:
+        for gate in healthy_gates(name):
+            assert not healthy_gates(gate), f"{name} waits for {gate}, which waits for {healthy_gates(gate)}"
+    for name in ("api", "worker", "worker_beat"):
+        if name in services:
+            assert {"db", "pgbouncer"} <= healthy_gates(name), name
+
+
 def test_the_deploys_restart_waits_as_long_as_any_service_may_take_to_stop(resolved):
     """roles/stack.py restarts with `docker restart -t STOP_GRACE_S` (Docker 20.10's CLI sends
     its own 10 s otherwise): no service's stop_grace_period may be longer."""
