@@ -143,4 +143,5 @@ def test_one_redis_cannot_be_both_cache_and_broker(redis_bench):
     assert keeps["broker_all_survived"]
     assert keeps["cache_write_errors"] > 0  # "OOM command not allowed when used memory > 'maxmemory'"
     assert keeps["published_after_fill"] < keeps["publishes_after_fill"]  # Celery cannot publish
+    assert keeps["broker_over_limit_at_size_check"]
     assert keeps["multi_llen_after_fill"] != "ok"  # kombu's LLEN inside MULTI is refused too
