@@ -25,10 +25,9 @@ from tests.vm_deploy import DeployedStack, containers, in_stack
 # unanswered for more than 2.6 s) but left the last of 8 documents queued for over 180 s: the
 # 2C4G plan's watchdog then restarted the worker at 609 MiB of anonymous memory, below its idle
 # 320 + jieba's 220 + the smallest indexing task's 78 (618), so after every indexing task. The
-# plan's threshold now holds that high-water (tests/test_plan.py checks the rule); its third run
-# passed (678 requests, none failed, longest unanswered 2.4 s). In CI's run since the cold starts
-# got cheaper (health gates one level deep).
-pytestmark = pytest.mark.vm
+# plan's threshold now holds that high-water (tests/test_plan.py checks the rule). Outside CI's
+# run again (vm_long): on 2026-12-02 the VM tier alone ran near CI's 90 minutes without it.
+pytestmark = [pytest.mark.vm, pytest.mark.vm_long]
 
 WORKLOAD = Path(__file__).resolve().parent / "workload.py"
 SECONDS = 90
