@@ -121,6 +121,11 @@ def test_a_corrupted_backup_is_refused_before_anything_is_stopped(deployed_stack
     assert _host_state(host) == before, "the host changed although the backup was refused"
 
 
+# vm_long (outside CI's run, `scripts/test -m vm_long` runs it): on 2026-12-03 this machine ran the
+# VM tier about 1.4x slower than the day before (first deploy of both hosts 873 s against 632 s,
+# the cross-host restore 605 s against 399 s), and this test alone, a fresh boot, a deploy from
+# bare and a restore, took over 20 minutes: with it CI's run came to about its 90 minutes.
+@pytest.mark.vm_long
 def test_a_rebuild_killed_after_its_backup_is_rerun_on_the_host_reinstalled_from_bare_with_the_data_kept(
         deployed_stack: DeployedStack, vm_hosts, tmp_path):
     """Issue 11's interrupted run and rebuild from bare metal in one flow, as for a cloud VPS: the
