@@ -161,15 +161,19 @@ def test_healthchecks(rendered, resolved):
         assert want.timeout_s >= 30, f"{name}: a probe timeout under 30 s flaps on a slow host"
 
 
+def _healthy_gates(services: dict, name: str) -> set[str]:
+    """The services whose health `name` waits for (compose depends_on: service_healthy)."""
+    return {dep for dep, condition in (services[name].get("depends_on") or {}).items()
+            if condition.get("condition") == "service_healthy"}
+
+
 def test_probes_stay_rare_and_the_servers_others_wait_on_are_probed_first(rendered, resolved):
     """Each probe is a process started in a container; on edge-small the probes were most of an
     idle host's work (edgefit/plan.py HEALTHCHECKS). compose's service_healthy gates a start on
     the first probe, so a server others wait on is probed no later than Docker's default 30 s."""
     checks = rendered.plan.healthchecks
     assert sum(1 / check.interval_s for check in checks.values()) <= 0.25
-    gating = {dep for service in resolved["services"].values()
-              for dep, condition in (service.get("depends_on") or {}).items()
-              if condition.get("condition") == "service_healthy"}
+    gating = {dep for name in resolved["services"] for dep in _healthy_gates(resolved["services"], name)}
     assert gating, "no service waits for another's health"
     assert all(checks[name].interval_s <= 30 for name in gating), gating
 
@@ -181,8 +185,7 @@ def test_health_gates_are_one_level_deep_so_a_cold_start_waits_one_probe_interva
     services = resolved["services"]
 
     def healthy_gates(name):
-        return {dep for dep, condition in (services[name].get("depends_on") or {}).items()
-                if condition.get("condition") == "service_healthy"}
+        return _healthy_gates(services, name)
 
     for name in services:
         for gate in healthy_gates(name):
