@@ -3,7 +3,9 @@ private registry, as a user would set it up.
 
 The guests reach nothing beyond their SSH port, so every image comes from one `docker load`
 tarball built here from Debian packages (tests/images/build.py; `scripts/demo` and the VM tests
-build it), and host data points each service at its test image. Dify's own images are stood in
+build it), and host data points each service at its test image. The box already holds the images
+of release 1 (tests/vm/preload.py), as a host an operator pre-loaded would: the deploy finds them
+and loads nothing; an upgrade to another release uploads the tarball and loads what is missing. Dify's own images are stood in
 for by tests/images/standin/ (clearly named *-standin); production defaults stay the pinned
 upstream images of edgefit/images.py.
 """

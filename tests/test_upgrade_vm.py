@@ -1,7 +1,7 @@
 """Upgrades with a health gate and rollback (issue 13) on the Vagrant test hosts.
 
-The stand-in releases of the api image (tests/images/build.py RELEASES, loaded with the other
-test images): :2 migrates the schema (standin_schema holds 2, standin_apps gains a column) and
+The stand-in releases of the api image (tests/images/build.py RELEASES, in the test image
+tarball; the box holds release 1 only, so an upgrade uploads the tarball and loads them): :2 migrates the schema (standin_schema holds 2, standin_apps gains a column) and
 serves; :3-broken migrates the same way and then fails its healthcheck. Both hosts start from the
 shared deployed stack (release 1, no standin_schema table) and end on it again. Kept short: one
 good upgrade and its `edgefit rollback` on edge-small, and one broken serial rollout over both

@@ -26,7 +26,7 @@ from edgefit.settings import read_settings
 
 REPO = Path(__file__).resolve().parents[1]
 PYINFRA = REPO / ".venv" / "bin" / "pyinfra"
-DEPLOY_TIMEOUT_S = 2400  # both hosts, software-emulated, from bare: image load + first starts
+DEPLOY_TIMEOUT_S = 2400  # both hosts, software-emulated, from bare (images in the box): first starts
 
 
 @dataclass

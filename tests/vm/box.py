@@ -1,5 +1,6 @@
 """The local Vagrant box: built from Debian packages by box/build-box.sh, cached outside the
-repository under a key made from the recipe, registered with Vagrant, and described in
+repository under a key made from the recipe, then booted once to load the test images
+(preload.py; cached under the image recipe's hash), registered with Vagrant, and described in
 local-box.json for the Vagrantfile."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import config
+from . import config, preload
 from .proc import phase, run, say
 
 BOX_NAME_PREFIX = "edgefit/bookworm-"
@@ -63,10 +64,12 @@ def ensure_box(timings: dict[str, float] | None = None) -> LocalBox:
         say(f"box {key} is cached in {out}")
         if timings is not None:
             timings.setdefault("box build", 0.0)
-    _forget_other_boxes(key)
     os.chmod(out / "id_rsa", 0o600)
+    images_key, loaded = _ensure_loaded(out, timings)
+    name = f"{BOX_NAME_PREFIX}{key}-{images_key}"
+    _forget_other_boxes(key, name)
     box = LocalBox(
-        key=key, name=BOX_NAME_PREFIX + key, box_file=str(out / "edgefit.box"),
+        key=key, name=name, box_file=str(loaded / "edgefit.box"),
         kernel=str(_copy_for_qemu(out / "vmlinuz", f"edgefit-{key}-vmlinuz")),
         initrd=str(_copy_for_qemu(out / "initrd.img", f"edgefit-{key}-initrd.img")),
         ssh_key=str(out / "id_rsa"),
@@ -76,6 +79,22 @@ def ensure_box(timings: dict[str, float] | None = None) -> LocalBox:
     config.local_box_file().write_text(json.dumps(asdict(box), indent=2) + "\n")
     _register_with_vagrant(box, timings)
     return box
+
+
+def _ensure_loaded(base: Path, timings: dict[str, float] | None) -> tuple[str, Path]:
+    """-> (the image recipe's key, the directory of the box with its images loaded)."""
+    from tests.images.build import build_images, recipe_hash
+
+    with phase("test images (cached after the first build)", timings):
+        tarball = build_images(say=say)
+    images_key = recipe_hash()[:16]
+    out = preload.loaded_dir(base, images_key)
+    if not (out / "complete").exists():
+        manifest = json.loads(tarball.with_suffix("").with_suffix(".json").read_text())
+        with phase(f"box with the test images {images_key} (one boot and a docker load, minutes)", timings):
+            preload.build_loaded_box(base, out, tarball, manifest, timings)
+        (out / "complete").write_text(images_key + "\n")
+    return images_key, out
 
 
 def _copy_for_qemu(source: Path, name: str) -> Path:
@@ -109,15 +128,29 @@ def _boxes_in_use() -> set[str]:
     return {Path(entry["ssh_key"]).parent.name for entry in hosts.values()}
 
 
-def _forget_other_boxes(current: str) -> None:
+def _forget_other_boxes(current: str, current_name: str) -> None:
     """A recipe change leaves the old box behind: remove it so the cache does not grow, unless
-    a running host still uses it (then the next build after `down` removes it)."""
+    a running host still uses it (then the next build after `down` removes it). The same for a
+    box of older test images, and for the volumes Vagrant made of them in the pool."""
     in_use = _boxes_in_use()
+    if not in_use:
+        for old in box_dir(current).glob("images-*"):
+            if f"{BOX_NAME_PREFIX}{current}-{old.name.removeprefix('images-')}" != current_name:
+                say(f"removing the box of older test images {old.name}")
+                shutil.rmtree(old, ignore_errors=True)
+        keep = _vagrant_box_dir(current_name).name
+        for registered in (config.vagrant_home() / "boxes").glob(f"*bookworm-{current}*"):
+            if registered.name != keep:
+                shutil.rmtree(registered, ignore_errors=True)
+        for volume in config.POOL_DIR.glob(f"*bookworm-{current}*"):
+            if not volume.name.startswith(keep + "_vagrant_box"):
+                volume.unlink(missing_ok=True)
     for old in (config.cache_dir() / "box").iterdir():
         if old.name != current and old.is_dir() and old.name not in in_use:
             say(f"removing old box {old.name}")
             shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(_vagrant_box_dir(BOX_NAME_PREFIX + old.name), ignore_errors=True)
+            for registered in (config.vagrant_home() / "boxes").glob(f"*bookworm-{old.name}*"):
+                shutil.rmtree(registered, ignore_errors=True)
             for suffix in ("vmlinuz", "initrd.img"):
                 (config.KERNEL_DIR / f"edgefit-{old.name}-{suffix}").unlink(missing_ok=True)
             for volume in config.POOL_DIR.glob(f"*bookworm-{old.name}*"):
