@@ -67,7 +67,7 @@ def ensure_box(timings: dict[str, float] | None = None) -> LocalBox:
     os.chmod(out / "id_rsa", 0o600)
     images_key, loaded = _ensure_loaded(out, timings)
     name = f"{BOX_NAME_PREFIX}{key}-{images_key}"
-    _forget_other_boxes(key, name)
+    _forget_other_boxes(key, name, loaded)
     box = LocalBox(
         key=key, name=name, box_file=str(loaded / "edgefit.box"),
         kernel=str(_copy_for_qemu(out / "vmlinuz", f"edgefit-{key}-vmlinuz")),
@@ -128,14 +128,14 @@ def _boxes_in_use() -> set[str]:
     return {Path(entry["ssh_key"]).parent.name for entry in hosts.values()}
 
 
-def _forget_other_boxes(current: str, current_name: str) -> None:
+def _forget_other_boxes(current: str, current_name: str, current_loaded: Path) -> None:
     """A recipe change leaves the old box behind: remove it so the cache does not grow, unless
     a running host still uses it (then the next build after `down` removes it). The same for a
     box of older test images, and for the volumes Vagrant made of them in the pool."""
     in_use = _boxes_in_use()
     if not in_use:
         for old in box_dir(current).glob("images-*"):
-            if f"{BOX_NAME_PREFIX}{current}-{old.name.removeprefix('images-')}" != current_name:
+            if old != current_loaded:
                 say(f"removing the box of older test images {old.name}")
                 shutil.rmtree(old, ignore_errors=True)
         keep = _vagrant_box_dir(current_name).name
