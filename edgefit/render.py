@@ -40,6 +40,11 @@ DOCKER_DATA_DISK_DROP_IN = "/etc/systemd/system/docker.service.d/edgefit-data-di
 # a provided pair is rendered (0600) into the stack; a self-signed one is made on the host once
 # (roles/tls.py) where no deploy overwrites it.
 TLS_DIR_IN_CONTAINER = "/etc/nginx/tls"
+# nginx.conf's directory is mounted, not the file alone: a file mounted alone stays the inode it
+# was when the container started, and a deploy replaces files, so nginx's reload (roles/stack.py)
+# would re-read the old one.
+NGINX_CONF_DIR_IN_CONTAINER = "/etc/nginx/edgefit"
+NGINX_CONF_IN_CONTAINER = f"{NGINX_CONF_DIR_IN_CONTAINER}/nginx.conf"
 PROVIDED_TLS_DIR = "/opt/edgefit/conf/nginx/tls"
 SELF_SIGNED_TLS_DIR = "/etc/edgefit/tls/self-signed"
 # edgefit_tls = "acme": certbot's certificate, put here by its deploy hook (a self-signed
@@ -132,6 +137,8 @@ def render_stack(plan: Plan, secrets: Secrets, tls_pair: tuple[str, str] | None 
         "stack_dir": STACK_DIR,
         "tls_dir": tls_dir(plan),
         "tls_dir_in_container": TLS_DIR_IN_CONTAINER,
+        "nginx_conf_dir_in_container": NGINX_CONF_DIR_IN_CONTAINER,
+        "nginx_conf_in_container": NGINX_CONF_IN_CONTAINER,
         "acme_webroot": ACME_WEBROOT,
         "acme_webroot_in_container": ACME_WEBROOT_IN_CONTAINER,
         "python_hook_dir": PYTHON_HOOK_DIR,
@@ -206,7 +213,7 @@ def _acme_files(render, plan: Plan, ca_bundle: str | None) -> list[StackFile]:
     """certbot's deploy hook, and for a private ACME directory its CA and certbot.service's drop-in."""
     hook = render("acme-deploy-hook.sh.j2", acme_tls_dir=shlex.quote(ACME_TLS_DIR),
                   domain=shlex.quote(checks.hostname(plan.domain)),
-                  reload_nginx=f"docker exec {COMPOSE_PROJECT}-nginx-1 nginx -s reload")
+                  reload_nginx=f"docker exec {COMPOSE_PROJECT}-nginx-1 nginx -c {NGINX_CONF_IN_CONTAINER} -s reload")
     files = [StackFile(ACME_HOOK, hook, 0o700)]
     if ca_bundle:
         files += [StackFile(ACME_CA_BUNDLE, ca_bundle, 0o644),

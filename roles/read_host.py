@@ -8,7 +8,7 @@ this one only carry those changes out, so a host at its plan costs this one read
 from pyinfra import host
 from pyinfra.api import DeployError, deploy
 
-from edgefit.converge import COMPOSE_UP_PENDING, Changes, decide, sysctl_keys
+from edgefit.converge import COMPOSE_UP_PENDING, RELOADED_IN_PLACE, Changes, decide, reload_marker, sysctl_keys
 from edgefit.facts import HostState
 from edgefit.plan import Plan
 from edgefit.render import (ACME_ISSUED, FIREWALL_RULES, FIREWALL_UNIT, SYSCTL_CONF, THP_UNIT, VERIFY_SERVICE,
@@ -26,7 +26,8 @@ UNITS = ("docker.service", THP_UNIT.rsplit("/", 1)[1], VERIFY_TIMER.rsplit("/", 
 def read_host_and_decide(plan: Plan, rendered: list[StackFile], settings: DeploySettings) -> tuple[dict, Changes]:
     paths = sorted({f.dest for f in rendered} | {VERIFY_SERVICE, VERIFY_TIMER, COMPOSE_UP_PENDING,
                                                  SELF_SIGNED_CERT, SELF_SIGNED_KEY, ACME_CERT, ACME_KEY, ACME_ISSUED,
-                                                 FIREWALL_RULES, FIREWALL_UNIT, NFT})
+                                                 FIREWALL_RULES, FIREWALL_UNIT, NFT}
+                   | {reload_marker(service) for service in RELOADED_IN_PLACE})
     live = host.get_fact(HostState, paths=tuple(paths), directories=tuple(data_directories(plan)),
                          refs=tuple(sorted({s.image for s in plan.services.values()})), units=UNITS,
                          sysctl_keys=sysctl_keys(file_at(rendered, SYSCTL_CONF).content))
@@ -39,6 +40,6 @@ def read_host_and_decide(plan: Plan, rendered: list[StackFile], settings: Deploy
     if changes.upgrade:
         host.noop(f"upgrade: {upgrade_summary(changes.upgrade)} (backup first, then a health gate"
                   + (", rolled back on failure)" if settings.rollback else "; edgefit_rollback = False)"))
-    for service, why in {**changes.recreate, **changes.restart}.items():
+    for service, why in {**changes.recreate, **changes.restart, **changes.reload}.items():
         host.noop(f"{service}: {why}")
     return live, changes

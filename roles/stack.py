@@ -4,7 +4,8 @@ Carries out what edgefit/converge.py decided: a forced recreation of containers 
 image drifted (first, so that `compose up` finds them matching and leaves them alone), `docker
 compose up -d` when the compose definition changed or services are missing or stopped (compose
 recreates only services whose definition changed), a restart of a service whose config file
-changed or whose live Redis/Postgres settings drifted, then Dify's and the
+changed or whose live Redis/Postgres settings drifted (unless that compose up just started it),
+nginx's reload in place when its files changed, then Dify's and the
 plugin daemon's Postgres roles (roles.sql) when the cluster or their passwords may be new. A host
 at its plan gets no operation at all.
 """
@@ -14,10 +15,10 @@ import shlex
 from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
-from edgefit.converge import COMPOSE_UP_PENDING, Changes
+from edgefit.converge import COMPOSE_UP_PENDING, COMPOSE_UP_STARTED, RELOADED_IN_PLACE, Changes, reload_marker
 from edgefit.facts import COMPOSE_PROJECT, SECRETS_PATH, container_name
 from edgefit.plan import Plan
-from edgefit.render import DB_APP_ROLE, DB_PLUGIN_ROLE, DB_ROLES_SQL_IN_CONTAINER, STACK_DIR
+from edgefit.render import DB_APP_ROLE, DB_PLUGIN_ROLE, DB_ROLES_SQL_IN_CONTAINER, NGINX_CONF_IN_CONTAINER, STACK_DIR
 from edgefit.settings import DeploySettings
 
 IMAGE_DIR = "/var/lib/edgefit/images"
@@ -25,6 +26,10 @@ COMPOSE = f"cd {STACK_DIR} && docker compose"
 POLL_SECONDS = 5
 STABLE_POLLS = 3  # the stack must look the same for this many polls in a row
 STOP_GRACE_S = 60  # templates/docker-compose.yml.j2: db's stop_grace_period, the longest
+# How each of edgefit/converge.py's RELOADED_IN_PLACE re-reads its files, inside its container:
+# nginx -t first, so a file nginx refuses leaves it serving with the ones it has.
+RELOAD_COMMANDS = {"nginx": f"nginx -t -q -c {NGINX_CONF_IN_CONTAINER} && nginx -s reload -c {NGINX_CONF_IN_CONTAINER}"}
+assert set(RELOAD_COMMANDS) == set(RELOADED_IN_PLACE)
 
 
 def wait_healthy_command(timeout_s: int, services: list[str] | None = None, poll_s: int = POLL_SECONDS) -> str:
@@ -64,6 +69,31 @@ while :; do
   sleep {poll_s}
 done
 """.strip()
+
+
+def restart_command(service: str, after_compose_up: bool, started_marker: str = COMPOSE_UP_STARTED) -> str:
+    """docker restart on compose's container name: the same stop and start without compose's own
+    start (7-23 s on the test hosts). Docker 20.10's CLI always sends its -t (10 s by default), so
+    it gets the longest stop_grace_period of the compose file (db's, 60 s: a Postgres killed
+    mid-shutdown recovers from its WAL on the next start). After a `compose up` in the same run,
+    a container it (re)started since COMPOSE_UP_STARTED already has the new files and settings."""
+    name = container_name(service)
+    restart = f"docker restart -t {STOP_GRACE_S} {name}"
+    if not after_compose_up:
+        return restart
+    started = f"$(date -d \"$(docker inspect -f '{{{{.State.StartedAt}}}}' {name})\" +%s)"
+    return (f'if [ "{started}" -ge "$(cat {started_marker})" ]; then '
+            f'echo "{service} was started by this deploy\'s compose up: it has its new files, no restart"; '
+            f"else {restart}; fi")
+
+
+def reload_commands(service: str) -> list[str]:
+    """The service re-reads its files in its running container; the marker records when
+    (edgefit/converge.py judges a file newer than it as not yet applied)."""
+    return [f"docker exec {container_name(service)} sh -c {shlex.quote(RELOAD_COMMANDS[service])} "
+            f"|| {{ echo '{service} refused its new files (above) and still serves with the previous ones: "
+            f"fix them, then re-run the deploy' >&2; exit 1; }}",
+            f"touch {reload_marker(service)}"]
 
 
 def db_roles_command(with_passwords: bool = True) -> str:
@@ -107,14 +137,12 @@ def deploy_stack(plan: Plan, settings: DeploySettings, changes: Changes) -> None
                      commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull --force-recreate && {done_pending}"])
     elif changes.compose_up:
         server.shell(name=f"docker compose up -d ({'; '.join(changes.reasons)})",
-                     commands=[f"{COMPOSE} up -d --remove-orphans --quiet-pull && {done_pending}"])
+                     commands=[f"date +%s > {COMPOSE_UP_STARTED} && {COMPOSE} up -d --remove-orphans --quiet-pull "
+                               f"&& {done_pending}"])
     for service, why in sorted(changes.restart.items()):
-        # docker restart on compose's container name: the same stop and start without compose's
-        # own start (7-23 s on the test hosts). Docker 20.10's CLI always sends its -t (10 s by
-        # default), so it gets the longest stop_grace_period of the compose file (db's, 60 s: a
-        # Postgres killed mid-shutdown recovers from its WAL on the next start).
-        server.shell(name=f"Restart {service}: {why}",
-                     commands=[f"docker restart -t {STOP_GRACE_S} {container_name(service)}"])
+        server.shell(name=f"Restart {service}: {why}", commands=[restart_command(service, changes.compose_up)])
+    for service, why in sorted(changes.reload.items()):
+        server.shell(name=f"Reload {service}: {why}", commands=reload_commands(service))
     if changes.db_roles:
         server.shell(name=f"Postgres roles {DB_APP_ROLE} and {DB_PLUGIN_ROLE} (roles.sql)", commands=[db_roles_command()])
     if changes.wait_healthy and not changes.upgrade:  # an upgrade's wait is its gate (roles/upgrade.py)

@@ -114,7 +114,7 @@ def acme_world(tmp_path):
     (tmp_path / "nginx.conf").write_text(conf)
     hook = tmp_path / "hook.sh"
     hook.write_text(files["/etc/edgefit/acme-deploy-hook.sh"].replace(ACME_TLS_DIR, str(tls_dir))
-                    .replace("docker exec edgefit-dify-nginx-1 nginx -s reload", f"kill -HUP $(cat {pid})"))
+                    .replace("docker exec edgefit-dify-nginx-1 nginx -c /etc/nginx/edgefit/nginx.conf -s reload", f"kill -HUP $(cat {pid})"))
     hook.chmod(0o700)
     config = tmp_path / "pebble.json"
     config.write_text(json.dumps({"pebble": {

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from edgefit.converge import COMPOSE_UP_PENDING, decide, missing_images, sha256, sysctl_keys
+from edgefit.converge import COMPOSE_UP_PENDING, decide, missing_images, reload_marker, sha256, sysctl_keys
 from edgefit.expectations import expectations
 from edgefit.plan import HostSize, Options, make_plan
 from edgefit.render import PLAN_OF_RECORD, render_stack
@@ -92,10 +92,37 @@ def test_a_bare_host_gets_every_file_docker_restarted_and_the_stack_started(plan
 
 def test_one_changed_config_restarts_only_its_service(plan, rendered):
     live = at_plan(plan, rendered)
+    live["files"]["/opt/edgefit/conf/pgbouncer/pgbouncer.ini"]["sha256"] = "0" * 64
+    changes = decide(plan, rendered, live)
+    assert [f.dest for f in changes.upload] == ["/opt/edgefit/conf/pgbouncer/pgbouncer.ini"]
+    assert list(changes.restart) == ["pgbouncer"] and not changes.compose_up and not changes.recreate
+    assert not changes.reload and changes.wait_healthy
+
+
+def test_a_changed_nginx_conf_is_reloaded_in_place_not_restarted(plan, rendered):
+    live = at_plan(plan, rendered)
     live["files"]["/opt/edgefit/conf/nginx/nginx.conf"]["sha256"] = "0" * 64
     changes = decide(plan, rendered, live)
     assert [f.dest for f in changes.upload] == ["/opt/edgefit/conf/nginx/nginx.conf"]
-    assert list(changes.restart) == ["nginx"] and not changes.compose_up and not changes.recreate
+    assert list(changes.reload) == ["nginx"] and not changes.restart and not changes.compose_up
+    assert changes.wait_healthy
+
+
+def test_a_reload_counts_as_applying_the_files_and_an_interrupted_one_is_finished(plan, rendered):
+    """nginx's container keeps its start time across a reload: the reload's marker says when it
+    last read its files, so a file placed before it is applied and one placed after is not."""
+    live = at_plan(plan, rendered)
+    live["files"]["/opt/edgefit/conf/nginx/nginx.conf"]["mtime"] = CONTAINERS_AT + 60
+    changes = decide(plan, rendered, live)
+    assert list(changes.reload) == ["nginx"] and "newer than the running container" in changes.reload["nginx"]
+    live["files"][reload_marker("nginx")] = {"sha256": sha256(""), "mode": 0o644, "uid": 0, "mtime": CONTAINERS_AT + 61}
+    assert nothing_to_do(decide(plan, rendered, live))
+    live["files"]["/opt/edgefit/conf/nginx/nginx.conf"]["mtime"] = CONTAINERS_AT + 62
+    assert list(decide(plan, rendered, live).reload) == ["nginx"]
+    live = at_plan(plan, rendered)  # another service's marker would not count: only nginx reloads
+    live["files"]["/opt/edgefit/conf/pgbouncer/pgbouncer.ini"]["mtime"] = CONTAINERS_AT + 60
+    live["files"][reload_marker("pgbouncer")] = {"sha256": sha256(""), "mode": 0o644, "uid": 0, "mtime": CONTAINERS_AT + 61}
+    assert list(decide(plan, rendered, live).restart) == ["pgbouncer"]
 
 
 def test_a_changed_environment_is_compose_ups_job(plan, rendered):
@@ -216,4 +243,4 @@ def test_the_postgres_roles_are_applied_when_the_cluster_or_their_passwords_may_
     assert decide(plan, rendered, live).db_roles
     live = at_plan(plan, rendered)
     live["files"]["/opt/edgefit/conf/nginx/nginx.conf"]["sha256"] = "0" * 64
-    assert not decide(plan, rendered, live).db_roles, "a restart of nginx leaves the roles alone"
+    assert not decide(plan, rendered, live).db_roles, "a reload of nginx leaves the roles alone"

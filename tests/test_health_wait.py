@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgefit.facts import COMPOSE_PROJECT
 from edgefit.upgrade import failing_services
-from roles.stack import STABLE_POLLS, wait_healthy_command
+from roles.stack import STABLE_POLLS, STOP_GRACE_S, restart_command, wait_healthy_command
 
 FAKE_DOCKER = """#!/bin/sh
 # docker inspect -f FORMAT NAME...: each NAME's line from $STATE/NAME, as the real one formats it;
@@ -72,3 +72,43 @@ def test_a_crash_loop_without_a_healthcheck_never_counts_as_stable(tmp_path):
     assert code == 1
     assert failing_services(out, ["worker"]) == []  # running each time it is looked at: named by its restarts
     assert any(line.startswith("worker restarts=") and line != "worker restarts=0" for line in out)
+
+
+RESTART_FAKE_DOCKER = """#!/bin/sh
+# docker inspect -f FORMAT NAME: $STATE/started; docker restart ...: logged to $STATE/restarts
+case "$1" in
+  inspect) cat "$STATE/started" ;;
+  restart) echo "$@" >> "$STATE/restarts" ;;
+esac
+"""
+
+
+def run_restart(tmp_path: Path, after_compose_up: bool, started: str, marker: int | None) -> tuple[str, str]:
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir.mkdir(exist_ok=True)
+    state.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(RESTART_FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    (state / "started").write_text(started + "\n")
+    (state / "restarts").write_text("")
+    if marker is not None:
+        (state / "compose-up-started").write_text(f"{marker}\n")
+    done = subprocess.run(["sh", "-c", restart_command("redis", after_compose_up, str(state / "compose-up-started"))],
+                          capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "STATE": str(state)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout, (state / "restarts").read_text()
+
+
+def test_a_restart_after_compose_up_skips_a_container_compose_up_started(tmp_path):
+    """roles/stack.py restart_command: 2026-12-07T04:56:40Z is 1796619400."""
+    out, restarts = run_restart(tmp_path, True, "2026-12-07T04:56:40.123456789Z", 1796619390)
+    assert restarts == "" and "no restart" in out
+    out, restarts = run_restart(tmp_path, True, "2026-12-07T04:56:40.123456789Z", 1796619400)
+    assert restarts == "", "a container started in the second compose up began was started by it"
+    out, restarts = run_restart(tmp_path, True, "2026-12-07T04:56:40.123456789Z", 1796619401)
+    assert restarts == f"restart -t {STOP_GRACE_S} {COMPOSE_PROJECT}-redis-1\n"
+    out, restarts = run_restart(tmp_path, True, "2026-12-07T04:56:40Z", None)
+    assert restarts.startswith("restart "), "with no marker (compose up never ran) the restart happens"
+    out, restarts = run_restart(tmp_path, False, "2026-12-07T04:56:40Z", 1796619390)
+    assert restarts.startswith("restart "), "without compose up in the run, the restart is unconditional"

@@ -508,6 +508,64 @@ def test_real_nginx_redirects_to_https_and_serves_the_certificate(tmp_path):
         server.wait(timeout=10)
 
 
+@pytest.mark.servers
+def test_real_nginx_reloads_a_replaced_conf_and_keeps_serving_when_it_refuses_one(tmp_path):
+    """roles/stack.py's reload of nginx, run against Debian's nginx with the rendered nginx.conf: a
+    deploy replaces the file (tar: a new inode) and nginx serves the new one after the reload; a
+    file nginx refuses fails the reload and nginx serves on with the one it had."""
+    import shutil
+    import time
+
+    from edgefit.render import NGINX_CONF_IN_CONTAINER
+    from roles.stack import RELOAD_COMMANDS
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.skip("nginx is not installed (scripts/deps/apt-servers.txt: nginx-light)")
+    _test_pair()
+    http, https = _free_port(), _free_port()
+    conf_path = tmp_path / "nginx.conf"
+    conf = (_nginx_conf().replace("/etc/nginx/tls", str(_PAIR["dir"]))
+            .replace("listen 80;", f"listen 127.0.0.1:{http};").replace("listen 443 ssl;", f"listen 127.0.0.1:{https} ssl;")
+            .replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;"))
+    conf_path.write_text(conf)
+    reload = (RELOAD_COMMANDS["nginx"].replace(f"-c {NGINX_CONF_IN_CONTAINER}", f"-p {tmp_path} -e stderr -c {conf_path}")
+              .replace("nginx ", f"{nginx} "))
+
+    def replace_conf(text: str) -> None:  # as the deploy's tar does: a new file, renamed over the old
+        staged = tmp_path / "nginx.conf.new"
+        staged.write_text(text)
+        staged.rename(conf_path)
+
+    def health() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/edgefit-health", timeout=5) as answer:
+            return answer.read().decode()
+
+    server = subprocess.Popen([nginx, "-p", str(tmp_path), "-e", "stderr", "-c", str(conf_path), "-g", "daemon off;"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            try:
+                assert health() == "ok\n"
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        replace_conf(conf.replace('return 200 "ok\\n";', 'return 200 "reloaded\\n";'))
+        done = subprocess.run(["sh", "-c", reload], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        for _ in range(50):  # a HUP returns before the new workers answer
+            if health() == "reloaded\n":
+                break
+            time.sleep(0.1)
+        assert health() == "reloaded\n"
+        replace_conf(conf.replace("server_tokens off;", "server_tokens off"))
+        done = subprocess.run(["sh", "-c", reload], capture_output=True, text=True, timeout=30)
+        assert done.returncode != 0 and "nginx.conf" in done.stderr
+        assert server.poll() is None and health() == "reloaded\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------
 # The firewall
 
