@@ -275,3 +275,63 @@ def test_the_cluster_fact_finds_pg_version_under_the_data_root(tmp_path):
     run = subprocess.run(["sh", "-c", fact.command("/nonexistent", "/dev/edgefit-none")], capture_output=True,
                          text=True, timeout=30)
     assert run.returncode == 0 and fact.process(run.stdout.splitlines()) is None
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("appendonly", [True, False])
+def test_a_restored_broker_snapshot_is_what_the_broker_redis_loads(tmp_path, appendonly):
+    """host_backup.restore_broker with Debian's redis-server (7.0; the stack's is 7.2): a snapshot
+    taken by one server is what the next one, started on the restored directory with the
+    broker's persistence, holds; with appendonly, writes after it survive a restart too."""
+    from tests.servers_helpers import free_port, require_executable, wait_until
+    redis_server = require_executable("redis-server", "redis-server")
+    from edgefit.plan import HostSize, Options, make_plan
+    from edgefit.secrets import Secrets
+    rendered = render.render_stack(make_plan(HostSize(2, 4096), Options()), Secrets.generate())
+    for conf in (f for f in rendered if f.dest.endswith("redis-broker/redis.conf")):
+        assert not {"appenddirname", "appendfilename"} & {line.split()[0] for line in conf.content.splitlines()
+                                                       if line.strip() and not line.startswith("#")}
+
+    def serve(directory: Path, aof: bool):
+        port = free_port()
+        process = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+                                    "--save", "", "--appendonly", "yes" if aof else "no"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def cli(*command: str) -> str:
+            return subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        wait_until(lambda: cli("ping") == "PONG", timeout=20, what="redis-server answering")
+        return process, cli
+
+    def stop(process) -> None:
+        process.terminate()
+        process.wait(timeout=20)
+
+    source = tmp_path / "source"
+    source.mkdir()
+    process, cli = serve(source, False)
+    try:
+        cli("rpush", "celery", "task-1", "task-2")
+        cli("set", "unacked", "kept")
+        assert cli("save") == "OK"
+    finally:
+        stop(process)
+    data_root, kept = tmp_path / "data", tmp_path / "kept"
+    data_root.mkdir()
+    kept.mkdir()
+    host_backup.restore_broker(str(source / "dump.rdb"), str(data_root), {"redis_broker": {"appendonly": appendonly}},
+                               str(kept))
+    process, cli = serve(data_root / "redis-broker", appendonly)
+    try:
+        assert cli("lrange", "celery", "0", "-1").split() == ["task-1", "task-2"] and cli("get", "unacked") == "kept"
+        cli("set", "after", "restore")
+    finally:
+        stop(process)
+    if appendonly:  # the AOF Redis went on writing holds the base and what came after
+        process, cli = serve(data_root / "redis-broker", True)
+        try:
+            assert cli("mget", "unacked", "after").split() == ["kept", "restore"]
+            assert cli("llen", "celery") == "2"
+        finally:
+            stop(process)
