@@ -462,20 +462,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.servers
-def test_real_nginx_redirects_to_https_and_serves_the_certificate(tmp_path):
+def _nginx_binary() -> str:
+    """Debian's nginx: a failure in CI when it is missing, a skip elsewhere."""
     import shutil
-    import ssl
-    import time
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.skip("nginx is not installed (scripts/deps/apt-servers.txt: nginx-light)")
+
+    from tests.servers_helpers import require_executable
+    return require_executable(shutil.which("nginx") or "/usr/sbin/nginx", "nginx-light")
+
+
+def _local_nginx_conf(tmp_path: Path, http: int, https: int) -> str:
+    """The rendered nginx.conf moved onto loopback ports, the test pair and a pid file of its own."""
     _test_pair()
-    http, https = _free_port(), _free_port()
-    conf = (_nginx_conf().replace("/etc/nginx/tls", str(_PAIR["dir"]))
+    return (_nginx_conf().replace("/etc/nginx/tls", str(_PAIR["dir"]))
             .replace("listen 80;", f"listen 127.0.0.1:{http};").replace("listen 443 ssl;", f"listen 127.0.0.1:{https} ssl;")
             .replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;"))
-    (tmp_path / "nginx.conf").write_text(conf)
+
+
+@pytest.mark.servers
+def test_real_nginx_redirects_to_https_and_serves_the_certificate(tmp_path):
+    import ssl
+    import time
+    nginx = _nginx_binary()
+    http, https = _free_port(), _free_port()
+    (tmp_path / "nginx.conf").write_text(_local_nginx_conf(tmp_path, http, https))
     test = subprocess.run([nginx, "-t", "-q", "-p", str(tmp_path), "-e", "stderr", "-c", str(tmp_path / "nginx.conf")],
                           capture_output=True, text=True, timeout=30)
     assert test.returncode == 0, test.stderr
@@ -513,20 +522,14 @@ def test_real_nginx_reloads_a_replaced_conf_and_keeps_serving_when_it_refuses_on
     """roles/stack.py's reload of nginx, run against Debian's nginx with the rendered nginx.conf: a
     deploy replaces the file (tar: a new inode) and nginx serves the new one after the reload; a
     file nginx refuses fails the reload and nginx serves on with the one it had."""
-    import shutil
     import time
 
     from edgefit.render import NGINX_CONF_IN_CONTAINER
     from roles.stack import RELOAD_COMMANDS
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.skip("nginx is not installed (scripts/deps/apt-servers.txt: nginx-light)")
-    _test_pair()
+    nginx = _nginx_binary()
     http, https = _free_port(), _free_port()
     conf_path = tmp_path / "nginx.conf"
-    conf = (_nginx_conf().replace("/etc/nginx/tls", str(_PAIR["dir"]))
-            .replace("listen 80;", f"listen 127.0.0.1:{http};").replace("listen 443 ssl;", f"listen 127.0.0.1:{https} ssl;")
-            .replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;"))
+    conf = _local_nginx_conf(tmp_path, http, https)
     conf_path.write_text(conf)
     reload = (RELOAD_COMMANDS["nginx"].replace(f"-c {NGINX_CONF_IN_CONTAINER}", f"-p {tmp_path} -e stderr -c {conf_path}")
               .replace("nginx ", f"{nginx} "))
