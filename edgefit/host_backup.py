@@ -335,10 +335,12 @@ def prune(root: str, keep: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # restore
 
-def restore(directory: str) -> str:
+def restore(directory: str, db_left_running: bool = False) -> str:
     """Put the backup in `directory` onto this host; returns where the host's own data was kept.
     The services that hold data (DATA_SERVICES) are left stopped: the deploy renders the
-    restored secrets and starts them."""
+    restored secrets and starts them. db_left_running (a rollback, whose compose definition for
+    db is the one it runs with): the database stays up after its pg_restore, so the compose up
+    that follows neither stops nor starts it again."""
     manifest = check_backup(directory)  # before anything is touched
     plan = read_plan_of_record()["plan"]  # this host's own plan stays
     stopping = [name for name in DATA_SERVICES if name in plan.get("services", {})]
@@ -380,7 +382,8 @@ def restore(directory: str) -> str:
     if not re.match(r"^[A-Za-z0-9_-]{24,}$", password):
         raise BackupError("the backup's secrets.env has no usable DB_PASSWORD")
     psql(f"alter role postgres password '{password}'", stdin_sql=True)  # the password never reaches argv
-    compose("stop", "db")
+    if not db_left_running:
+        compose("stop", "db")
 
     for name, entry in sorted(files.items()):
         if entry.get("kind") == "directory":
@@ -398,7 +401,8 @@ def restore(directory: str) -> str:
             shutil.rmtree(directory)
         else:
             os.rename(directory, final)
-    progress(f"restored; this host's previous data is in {kept}. {', '.join(stopping)} stay stopped until the "
+    stopped = [name for name in stopping if not (db_left_running and name == "db")]
+    progress(f"restored; this host's previous data is in {kept}. {', '.join(stopped)} stay stopped until the "
              "deploy renders the restored secrets and starts them (edgefit restore runs it)")
     return kept
 
@@ -536,7 +540,10 @@ def rollback() -> str:
         raise BackupError(f"{UPGRADE_PREVIOUS} lacks the previous {', '.join(missing)}; restore the backup "
                           f"{state['backup']} with `edgefit restore` instead")
     progress(f"rolling back {state.get('upgrade')}: restoring the pre-upgrade backup {state['backup']} ...")
-    restore(state["backup"])
+    # An upgrade of Dify's images leaves the database's container definition as it was, so it
+    # keeps running into the compose up below: a stop and a start fewer (compose still recreates
+    # it if the upgrade's deploy changed it too).
+    restore(state["backup"], db_left_running=True)
     for path in UPGRADE_KEPT:
         temporary = path + ".rollback"
         shutil.copy2(os.path.join(UPGRADE_PREVIOUS, os.path.basename(path)), temporary)
