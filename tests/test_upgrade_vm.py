@@ -1,11 +1,14 @@
 """Upgrades with a health gate and rollback (issue 13) on the Vagrant test hosts.
 
 The stand-in releases of the api image (tests/images/build.py RELEASES, in the test image
-tarball; the box holds release 1 only, so an upgrade uploads the tarball and loads them): :2 migrates the schema (standin_schema holds 2, standin_apps gains a column) and
-serves; :3-broken migrates the same way and then fails its healthcheck. Both hosts start from the
-shared deployed stack (release 1, no standin_schema table) and end on it again. Kept short: one
-good upgrade and its `edgefit rollback` on edge-small, and one broken serial rollout over both
-hosts (its first host proves the automatic rollback, its second that it was never touched).
+tarball; the box holds release 1 only, so the first upgrade of a host uploads the tarball and
+loads them, as an air-gapped operator would): :2 migrates the schema (standin_schema holds 2,
+standin_apps gains a column) and serves; :3-broken migrates the same way and then fails its
+healthcheck. Both hosts start from the shared deployed stack (release 1, no standin_schema
+table) and end on it again. Kept short, in this order: one broken serial rollout over both hosts
+(its first host, edge-small, proves the automatic rollback, its second that it was never
+touched), then one good upgrade of edge-small, which finds the releases loaded by the first
+(one tarball upload and `docker load` fewer), and its `edgefit rollback`.
 """
 
 from __future__ import annotations
@@ -57,6 +60,38 @@ def upgrade_state(host) -> dict | None:
     return json.loads(text) if text else None
 
 
+def test_a_broken_release_rolled_out_serially_rolls_back_the_first_host_and_never_touches_the_next(
+        deployed_stack: DeployedStack, tmp_path):
+    hosts = deployed_stack.hosts
+    mark = f"broken{int(time.time())}"
+    for host in hosts.values():
+        write_marks(host, mark)
+    before = {name: (_host_state(host), upgrade_state(host)) for name, host in hosts.items()}
+    # The gate waits out the whole timeout for a release that never turns healthy: the shortest
+    # that still sees :3-broken migrate first (it answers within seconds of its start).
+    inventory = release_inventory(tmp_path, hosts, BROKEN, edgefit_health_timeout=60)
+
+    run = run_deploy(inventory, "--serial", "--fail-percent", "0")
+    print(f"[upgrade-vm] serial rollout of {BROKEN}: {run.seconds:.0f}s")
+    assert run.returncode != 0, run.output[-6000:]
+    touched = [name for name, host in hosts.items() if (_host_state(host), upgrade_state(host)) != before[name]]
+    assert len(touched) == 1, f"touched {touched}:\n{run.output[-6000:]}"
+    first = touched[0]
+    assert first == "edge-small", f"serial order is the inventory's: {list(hosts)}"
+    host = hosts[first]
+    assert f"{first}: the upgrade failed: api" in run.output, run.output[-6000:]
+    assert "it was rolled back" in run.output and "last log lines of api:" in run.output
+    assert "/srv/dify/pre-upgrade-backups/" in run.output
+    assert api_image(host) == PREVIOUS and schema_version(host) is None
+    assert marks_present(host, mark) == ALL_KEPT
+    assert upgrade_state(host)["status"] == "rolled-back"
+    second = next(name for name in hosts if name != first)
+    assert api_image(hosts[second]) == PREVIOUS and marks_present(hosts[second], mark) == ALL_KEPT
+
+    verified = edgefit("verify", str(deployed_stack.inventory), "--window", "10", timeout=300)
+    assert verified.returncode == 0, verified.stdout[-3000:]
+
+
 def test_a_good_release_upgrades_after_a_backup_and_edgefit_rollback_returns(deployed_stack: DeployedStack, tmp_path):
     host = deployed_stack.hosts["edge-small"]
     assert api_image(host) == PREVIOUS and schema_version(host) is None
@@ -99,32 +134,3 @@ def test_a_good_release_upgrades_after_a_backup_and_edgefit_rollback_returns(dep
     assert upgrade_state(host)["status"] == "rolled-back"
     standard = run_deploy(deployed_stack.inventory, "--limit", "edge-small")
     assert standard.returncode == 0 and standard.operations_run("edge-small") == [], standard.output[-3000:]
-
-
-def test_a_broken_release_rolled_out_serially_rolls_back_the_first_host_and_never_touches_the_next(
-        deployed_stack: DeployedStack, tmp_path):
-    hosts = deployed_stack.hosts
-    mark = f"broken{int(time.time())}"
-    for host in hosts.values():
-        write_marks(host, mark)
-    before = {name: (_host_state(host), upgrade_state(host)) for name, host in hosts.items()}
-    inventory = release_inventory(tmp_path, hosts, BROKEN, edgefit_health_timeout=120)
-
-    run = run_deploy(inventory, "--serial", "--fail-percent", "0")
-    print(f"[upgrade-vm] serial rollout of {BROKEN}: {run.seconds:.0f}s")
-    assert run.returncode != 0, run.output[-6000:]
-    touched = [name for name, host in hosts.items() if (_host_state(host), upgrade_state(host)) != before[name]]
-    assert len(touched) == 1, f"touched {touched}:\n{run.output[-6000:]}"
-    first = touched[0]
-    host = hosts[first]
-    assert f"{first}: the upgrade failed: api" in run.output, run.output[-6000:]
-    assert "it was rolled back" in run.output and "last log lines of api:" in run.output
-    assert "/srv/dify/pre-upgrade-backups/" in run.output
-    assert api_image(host) == PREVIOUS and schema_version(host) is None
-    assert marks_present(host, mark) == ALL_KEPT
-    assert upgrade_state(host)["status"] == "rolled-back"
-    second = next(name for name in hosts if name != first)
-    assert api_image(hosts[second]) == PREVIOUS and marks_present(hosts[second], mark) == ALL_KEPT
-
-    verified = edgefit("verify", str(deployed_stack.inventory), "--window", "10", timeout=300)
-    assert verified.returncode == 0, verified.stdout[-3000:]
