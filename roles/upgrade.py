@@ -121,7 +121,8 @@ def run_gate(state, host, expected: dict, data_root: str, upgrade: dict[str, tup
         host.log_styled(f"upgrade failed ({what}); rolling back to the previous release and the pre-upgrade "
                         f"backup {backup} ...", fg="yellow", log_func=logger.warning)
         ok, out, err = _run(state, host, f"{SCRIPT} rollback", host_backup.COMMAND_TIMEOUT)
-        if ok:
+        if ok:  # its timed progress lines (paths and services, no values): what the minutes went on
+            host.log_styled("\n".join(out[-LOG_LINES:]), log_func=logger.info)
             ok, out, err = _run(state, host, wait_healthy_command(rollback_wait_s(timeout)),
                                 rollback_wait_s(timeout) + 120)
         rolled_back = ok

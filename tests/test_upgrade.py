@@ -365,10 +365,11 @@ def gate(stack, monkeypatch):
 
 def test_an_unhealthy_upgrade_is_rolled_back_and_the_host_fails_naming_the_service(gate):
     role, run, backup = gate
-    ok, target, said = run([("host_backup.py rollback", True, []),
+    ok, target, said = run([("host_backup.py rollback", True, ["[12:16:01] stopping api, worker, db ..."]),
                             ("not healthy and stable", [False, True], [WAIT_OUTPUT, ["all services running"]])],
                            edgefit_health_timeout=120)
     assert ok is False and target.ran("host_backup.py rollback") == 1
+    assert "[12:16:01] stopping api, worker, db ..." in said  # the rollback's own progress, for the operator
     assert target.ran("not healthy and stable") == 2  # the gate's wait, and the one after the rollback
     assert "the upgrade failed: api, web not healthy and stable within 120s" in said and "it was rolled back" in said
     assert backup in said and "last log lines of api:" in said and "api-1 | boom" in said
