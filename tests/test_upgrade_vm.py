@@ -24,7 +24,7 @@ from tests.test_deploy_vm import _host_state
 from tests.test_rebuild_vm import edgefit, marks_present, write_marks
 from tests.vm_deploy import REPO, DeployedStack, containers, in_stack, run_deploy, started_at
 
-pytestmark = [pytest.mark.vm, pytest.mark.vm_long]  # ~20 min: outside CI's run (scripts/test)
+pytestmark = [pytest.mark.vm, pytest.mark.vm_long]  # ~16 min on a fast day: outside CI's run (scripts/test)
 PREVIOUS, GOOD, BROKEN = ("edgefit-test/dify-api-standin:1", "edgefit-test/dify-api-standin:2",
                           "edgefit-test/dify-api-standin:3-broken")
 API_IMAGE_SERVICES = ("api", "worker", "worker_beat")
