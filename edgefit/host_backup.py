@@ -204,25 +204,10 @@ def running(service: str) -> bool:
     return result.returncode == 0 and result.stdout.strip() == "true"
 
 
-def psql(sql: str, database: str = "postgres", stdin_sql: bool = False) -> str:
-    """SQL as postgres over the container's local socket. stdin_sql keeps it off the process
-    list (for a password)."""
-    base = ["docker", "exec", "-i", "-u", "postgres", container("db"), "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-            "-d", database, "-tA"]
-    if stdin_sql:
-        result = subprocess.run(base, input=sql, capture_output=True, text=True, timeout=WAIT_TIMEOUT)
-        if result.returncode != 0:  # its message could quote the statement: not shown
-            raise BackupError(f"psql failed on {database} (statement on stdin not shown)")
-        return result.stdout
-    return run([*base, "-c", sql], what="psql")
-
-
-def wait_for(check, what: str, timeout: float = WAIT_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise BackupError(f"{what} did not happen within {timeout:g}s")
-        time.sleep(2)
+def psql(sql: str, database: str = "postgres") -> str:
+    """SQL as postgres over the container's local socket."""
+    return run(["docker", "exec", "-i", "-u", "postgres", container("db"), "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                "-d", database, "-tA", "-c", sql], what="psql")
 
 
 def read_plan_of_record() -> dict:
@@ -335,17 +320,21 @@ def prune(root: str, keep: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # restore
 
-def restore(directory: str, db_left_running: bool = False) -> str:
+def restore(directory: str, rollback: bool = False) -> str:
     """Put the backup in `directory` onto this host; returns where the host's own data was kept.
     The services that hold data (DATA_SERVICES) are left stopped: the deploy renders the
-    restored secrets and starts them. db_left_running (a rollback, whose compose definition for
-    db is the one it runs with): the database stays up after its pg_restore, so the compose up
-    that follows neither stops nor starts it again."""
+    restored secrets and starts them. rollback (the backup's secrets and the compose definitions
+    of the database and the broker are the ones they run with): both start again as soon as
+    their data is back, the broker before the pg_restore, so their first health probes, which
+    every Dify service's start waits for (compose's service_healthy; Docker 20.10 probes first
+    one interval after a start), pass while the rest is restored; the compose up that follows
+    leaves them running."""
     manifest = check_backup(directory)  # before anything is touched
     plan = read_plan_of_record()["plan"]  # this host's own plan stays
     stopping = [name for name in DATA_SERVICES if name in plan.get("services", {})]
     data_root = plan["data_root"]
     files = manifest["files"]
+    dumps = {entry["database"]: name for name, entry in sorted(files.items()) if entry.get("kind") == "postgres"}
     kept = os.path.join(data_root, f".pre-restore-{stamp_now()}")
     progress(f"backup {manifest.get('name')} of {manifest.get('host')}: checksums good")
 
@@ -361,35 +350,34 @@ def restore(directory: str, db_left_running: bool = False) -> str:
         if os.path.exists(os.path.join(data_root, tree)):
             os.rename(os.path.join(data_root, tree), os.path.join(kept, tree))
 
-    progress("starting the database alone ...")
-    compose("start", "db")
-    wait_for(lambda: subprocess.run(["docker", "exec", container("db"), "pg_isready", "-q", "-h", "127.0.0.1"],
-                                    timeout=30).returncode == 0, "the database accepting connections")
-    apply_roles()  # the roles a dump's ownership names exist before it goes in
-    for name, entry in sorted(files.items()):
-        if entry.get("kind") != "postgres":
-            continue
-        database = entry["database"]
+    started = ["db", "redis_broker"] if rollback and "redis_broker" in stopping else ["db"]
+    if "redis_broker" in started:
+        restore_broker(os.path.join(directory, BROKER_FILE), data_root, plan, kept)
+    progress(f"starting {' and '.join(started)} ...")
+    compose("start", *started)
+    roles_then_sql("".join(f'drop database if exists "{database}" with (force);\ncreate database "{database}";\n'
+                           for database in dumps), what="emptying the databases", wait_ready=True)
+    for database, dump in dumps.items():
         progress(f"pg_restore {database} ...")
-        psql(f'drop database if exists "{database}" with (force)')
-        psql(f'create database "{database}"')
-        with open(os.path.join(directory, name), "rb") as dump:
+        with open(os.path.join(directory, dump), "rb") as handle:
             run(["docker", "exec", "-i", "-u", "postgres", container("db"), "pg_restore", "--clean", "--if-exists",
-                 "--exit-on-error", "-d", database], stdin=dump, what=f"pg_restore of {database}")
-    apply_roles()  # and what a dump from before the roles brought is theirs
+                 "--exit-on-error", "-d", database], stdin=handle, what=f"pg_restore of {database}")
     secrets = secrets_values(os.path.join(directory, SECRETS_FILE))
     password = secrets.get("DB_PASSWORD", "")
     if not re.match(r"^[A-Za-z0-9_-]{24,}$", password):
         raise BackupError("the backup's secrets.env has no usable DB_PASSWORD")
-    psql(f"alter role postgres password '{password}'", stdin_sql=True)  # the password never reaches argv
-    if not db_left_running:
+    # the roles again (what a dump from before the roles brought becomes theirs), and the password
+    roles_then_sql(f"alter role postgres password '{password}';\n", what="setting the database's password",
+                   secret=True)
+    if not rollback:
         compose("stop", "db")
 
     for name, entry in sorted(files.items()):
         if entry.get("kind") == "directory":
             progress(f"restoring {data_root}/{entry['path']} ...")
             unpack(os.path.join(directory, name), data_root, entry["path"])
-    restore_broker(os.path.join(directory, BROKER_FILE), data_root, plan, kept)
+    if "redis_broker" not in started:
+        restore_broker(os.path.join(directory, BROKER_FILE), data_root, plan, kept)
 
     temporary = SECRETS_PATH + ".restoring"
     shutil.copyfile(os.path.join(directory, SECRETS_FILE), temporary)
@@ -401,18 +389,38 @@ def restore(directory: str, db_left_running: bool = False) -> str:
             shutil.rmtree(directory)
         else:
             os.rename(directory, final)
-    stopped = [name for name in stopping if not (db_left_running and name == "db")]
-    progress(f"restored; this host's previous data is in {kept}. {', '.join(stopped)} stay stopped until the "
-             "deploy renders the restored secrets and starts them (edgefit restore runs it)")
+    stopped = [name for name in stopping if not (rollback and name in started)]
+    progress(f"restored; this host's previous data is in {kept}. {', '.join(stopped)} stay stopped until "
+             + ("the previous compose definition is back and starts them" if rollback else
+                "the deploy renders the restored secrets and starts them (edgefit restore runs it)"))
     return kept
 
 
-def apply_roles() -> None:
-    """The stack's roles.sql, without the roles' passwords (the deploy after a restore sets them
-    from the restored secrets): Dify's and the plugin daemon's roles made, their databases and
-    tables handed to them. A stack rendered before edgefit had roles mounts no roles.sql."""
-    run(["docker", "exec", "-u", "postgres", container("db"), "sh", "-c",
-         f"test ! -f {ROLES_SQL} || psql -X -q -d postgres -f {ROLES_SQL}"], what="the Postgres roles (roles.sql)")
+READY_TRIES = 150  # pg_isready once a second in the db container: the bounded wait for its start
+
+
+def roles_then_sql(sql: str, what: str, wait_ready: bool = False, secret: bool = False) -> None:
+    """One exec in the db container, as postgres (on the emulated test hosts each exec costs
+    seconds, and a restore made ten): with wait_ready, a bounded wait until the server accepts
+    connections; the stack's roles.sql, without the roles' passwords (the deploy after a restore
+    sets them from the restored secrets), so Dify's and the plugin daemon's roles exist and own
+    their databases and tables (a stack rendered before edgefit had roles mounts none); then
+    `sql` from stdin, so it never reaches a process list, each statement on its own (CREATE
+    DATABASE cannot run in a transaction). secret: psql's message could quote the statement."""
+    psql = "psql -X -q -v ON_ERROR_STOP=1 -d postgres"
+    wait = (f"i=0; until pg_isready -q -h 127.0.0.1; do i=$((i+1)); [ $i -lt {READY_TRIES} ] || "
+            f"{{ echo 'the database did not accept connections within {READY_TRIES} s' >&2; exit 3; }}; "
+            "sleep 1; done; ") if wait_ready else ""
+    try:
+        result = subprocess.run(["docker", "exec", "-i", "-u", "postgres", container("db"), "sh", "-ec",
+                                 f"{wait}test ! -f {ROLES_SQL} || {psql} -f {ROLES_SQL}; {psql}"],
+                                input=sql.encode(), capture_output=True, timeout=READY_TRIES + WAIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise BackupError(f"{what} did not finish within {READY_TRIES + WAIT_TIMEOUT}s") from None
+    if result.returncode != 0:
+        last = (result.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise BackupError(f"{what} failed" + (" (psql's message not shown: it may quote the statement)"
+                                              if secret else f": {last[:300]}"))
 
 
 def unpack(tarball: str, data_root: str, tree: str) -> None:
@@ -540,10 +548,10 @@ def rollback() -> str:
         raise BackupError(f"{UPGRADE_PREVIOUS} lacks the previous {', '.join(missing)}; restore the backup "
                           f"{state['backup']} with `edgefit restore` instead")
     progress(f"rolling back {state.get('upgrade')}: restoring the pre-upgrade backup {state['backup']} ...")
-    # An upgrade of Dify's images leaves the database's container definition as it was, so it
-    # keeps running into the compose up below: a stop and a start fewer (compose still recreates
-    # it if the upgrade's deploy changed it too).
-    restore(state["backup"], db_left_running=True)
+    # An upgrade of Dify's images leaves the container definitions of the database and the broker
+    # as they were, so both run on into the compose up below, healthy by then (compose still
+    # recreates them if the upgrade's deploy changed them too).
+    restore(state["backup"], rollback=True)
     for path in UPGRADE_KEPT:
         temporary = path + ".rollback"
         shutil.copy2(os.path.join(UPGRADE_PREVIOUS, os.path.basename(path)), temporary)

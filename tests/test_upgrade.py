@@ -1,6 +1,6 @@
 """Upgrades with a health gate and rollback (issue 13): what counts as an upgrade, the refusal of
 a downgrade, the settings, the gate's sentences, the host-side state, `edgefit rollback`'s
-arguments and the stand-in releases the VM test upgrades to (tests/test_upgrade_vm.py, marked vm_long)."""
+arguments and the stand-in releases the VM test upgrades to (tests/test_upgrade_vm.py)."""
 
 from __future__ import annotations
 
