@@ -171,17 +171,22 @@ def to_prune(names: list[str], keep: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Running things on the host
 
-def run(command: list[str], *, stdin=None, stdout=None, timeout: float = COMMAND_TIMEOUT, what: str = "") -> str:
-    """Run a command, bounded; the last line of its stderr becomes the sentence of a failure.
-    Returns its stdout as text unless stdout goes to a file."""
+def run(command: list[str], *, stdin=None, stdout=None, timeout: float = COMMAND_TIMEOUT, what: str = "",
+        input: bytes | None = None, secret: bool = False) -> str:
+    """Run a command, bounded; the last line of its stderr becomes the sentence of a failure
+    (not with secret: a message that may quote its input). Returns its stdout as text unless
+    stdout goes to a file. stdin: a file; input: bytes."""
+    feed = {"input": input} if input is not None else {"stdin": stdin}
     try:
-        result = subprocess.run(command, stdin=stdin, stdout=stdout if stdout is not None else subprocess.PIPE,
-                                stderr=subprocess.PIPE, timeout=timeout)
+        result = subprocess.run(command, stdout=stdout if stdout is not None else subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=timeout, **feed)
     except subprocess.TimeoutExpired:
         raise BackupError(f"{what or command[0]} did not finish within {timeout:g}s") from None
     except FileNotFoundError:
         raise BackupError(f"{command[0]} is not installed on this host") from None
     if result.returncode != 0:
+        if secret:
+            raise BackupError(f"{what or command[0]} failed (its message is not shown: it may quote a secret)")
         last = (result.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise BackupError(f"{what or command[0]} failed: {last[:300]}")
     return result.stdout.decode(errors="replace") if stdout is None else ""
@@ -204,10 +209,13 @@ def running(service: str) -> bool:
     return result.returncode == 0 and result.stdout.strip() == "true"
 
 
+PSQL = ("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1")
+
+
 def psql(sql: str, database: str = "postgres") -> str:
     """SQL as postgres over the container's local socket."""
-    return run(["docker", "exec", "-i", "-u", "postgres", container("db"), "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                "-d", database, "-tA", "-c", sql], what="psql")
+    return run(["docker", "exec", "-i", "-u", "postgres", container("db"), *PSQL, "-d", database, "-tA", "-c", sql],
+               what="psql")
 
 
 def read_plan_of_record() -> dict:
@@ -350,8 +358,9 @@ def restore(directory: str, rollback: bool = False) -> str:
         if os.path.exists(os.path.join(data_root, tree)):
             os.rename(os.path.join(data_root, tree), os.path.join(kept, tree))
 
-    started = ["db", "redis_broker"] if rollback and "redis_broker" in stopping else ["db"]
-    if "redis_broker" in started:
+    broker_first = rollback and "redis_broker" in stopping
+    started = ["db", "redis_broker"] if broker_first else ["db"]
+    if broker_first:
         restore_broker(os.path.join(directory, BROKER_FILE), data_root, plan, kept)
     progress(f"starting {' and '.join(started)} ...")
     compose("start", *started)
@@ -376,7 +385,7 @@ def restore(directory: str, rollback: bool = False) -> str:
         if entry.get("kind") == "directory":
             progress(f"restoring {data_root}/{entry['path']} ...")
             unpack(os.path.join(directory, name), data_root, entry["path"])
-    if "redis_broker" not in started:
+    if not broker_first:
         restore_broker(os.path.join(directory, BROKER_FILE), data_root, plan, kept)
 
     temporary = SECRETS_PATH + ".restoring"
@@ -401,26 +410,19 @@ READY_TRIES = 150  # pg_isready once a second in the db container: the bounded w
 
 def roles_then_sql(sql: str, what: str, wait_ready: bool = False, secret: bool = False) -> None:
     """One exec in the db container, as postgres (on the emulated test hosts each exec costs
-    seconds, and a restore made ten): with wait_ready, a bounded wait until the server accepts
-    connections; the stack's roles.sql, without the roles' passwords (the deploy after a restore
-    sets them from the restored secrets), so Dify's and the plugin daemon's roles exist and own
-    their databases and tables (a stack rendered before edgefit had roles mounts none); then
-    `sql` from stdin, so it never reaches a process list, each statement on its own (CREATE
-    DATABASE cannot run in a transaction). secret: psql's message could quote the statement."""
-    psql = "psql -X -q -v ON_ERROR_STOP=1 -d postgres"
+    seconds): with wait_ready, a bounded wait until the server accepts connections; the stack's
+    roles.sql, without the roles' passwords (the deploy after a restore sets them from the
+    restored secrets), so Dify's and the plugin daemon's roles exist and own their databases and
+    tables (a stack rendered before edgefit had roles mounts none); then `sql` from stdin, so it
+    never reaches a process list, each statement on its own (CREATE DATABASE cannot run in a
+    transaction). secret: psql's message could quote the statement."""
+    psql_command = f"{' '.join(PSQL)} -d postgres"
     wait = (f"i=0; until pg_isready -q -h 127.0.0.1; do i=$((i+1)); [ $i -lt {READY_TRIES} ] || "
             f"{{ echo 'the database did not accept connections within {READY_TRIES} s' >&2; exit 3; }}; "
             "sleep 1; done; ") if wait_ready else ""
-    try:
-        result = subprocess.run(["docker", "exec", "-i", "-u", "postgres", container("db"), "sh", "-ec",
-                                 f"{wait}test ! -f {ROLES_SQL} || {psql} -f {ROLES_SQL}; {psql}"],
-                                input=sql.encode(), capture_output=True, timeout=READY_TRIES + WAIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise BackupError(f"{what} did not finish within {READY_TRIES + WAIT_TIMEOUT}s") from None
-    if result.returncode != 0:
-        last = (result.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        raise BackupError(f"{what} failed" + (" (psql's message not shown: it may quote the statement)"
-                                              if secret else f": {last[:300]}"))
+    run(["docker", "exec", "-i", "-u", "postgres", container("db"), "sh", "-ec",
+         f"{wait}test ! -f {ROLES_SQL} || {psql_command} -f {ROLES_SQL}; {psql_command}"],
+        input=sql.encode(), timeout=READY_TRIES + WAIT_TIMEOUT, what=what, secret=secret)
 
 
 def unpack(tarball: str, data_root: str, tree: str) -> None:

@@ -138,7 +138,6 @@ def test_a_good_release_upgrades_after_a_backup_and_edgefit_rollback_returns(dep
     serving = started_at(host)
     rolled = edgefit("rollback", str(inventory), "--yes", timeout=2400)
     print(f"[upgrade-vm] edgefit rollback exit {rolled.returncode}")
-    print_progress(rolled.stdout + rolled.stderr)
     assert rolled.returncode == 0, (rolled.stdout + rolled.stderr)[-6000:]  # verify exit 0 included
     assert started_at(host)["nginx"] == serving["nginx"], "the rollback restarted nginx, which holds no data"
     assert "the inventory still names the newer release" in rolled.stdout
